@@ -1,0 +1,40 @@
+"""`megatron-student <command>`: each command lives in its own module with ``add_arguments`` and ``run``.
+
+Modules are imported only for the command that runs, so `--help` and light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny-teacher": ("megatron_student.teacher.tiny", "write a random gpt-oss-shaped HF checkpoint"),
+    "init-student": ("megatron_student.student.surgery", "initialise an HF student from a gpt-oss teacher"),
+    "generate": ("megatron_student.student.generate", "Harmony chat generation with an HF student or teacher"),
+    "prepare-data": ("megatron_student.data.prepare", "render, mask, pack and store Harmony training data"),
+    "check-format": ("megatron_student.data.check_format", "check Harmony format compliance of token streams"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: megatron-student <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"megatron-student {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
