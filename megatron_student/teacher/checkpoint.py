@@ -12,21 +12,17 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
+from ..hf_io import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, StreamingCheckpointWriter
 from .config import CONFIG_NAME, read_config_dict, validate_gpt_oss_config
 from .mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 MXFP4_BLOCKS_SUFFIX = "_blocks"
 MXFP4_SCALES_SUFFIX = "_scales"
@@ -184,24 +180,6 @@ def load_teacher_model(
     return model.eval()
 
 
-def _shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:
-    """Names grouped into shards of at most ``max_shard_bytes`` (a larger single tensor gets its own shard)."""
-    if max_shard_bytes is None:
-        return [list(state_dict)]
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def save_hf_checkpoint(
     state_dict: dict[str, torch.Tensor],
     config: transformers.PreTrainedConfig | dict,
@@ -219,34 +197,11 @@ def save_hf_checkpoint(
     out_dir = Path(out_dir)
     config_dict = config.to_dict() if isinstance(config, transformers.PreTrainedConfig) else dict(config)
     validate_gpt_oss_config(config_dict, out_dir / CONFIG_NAME)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        shards = _shards(state_dict, max_shard_bytes)
-        if len(shards) == 1:
-            save_file({n: state_dict[n].contiguous() for n in shards[0]}, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards, start=1):
-                shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: state_dict[n].contiguous() for n in names}, tmp / shard_name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(names, shard_name))
-            total = sum(t.numel() * t.element_size() for t in state_dict.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    writer = StreamingCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes or 2**62, force=overwrite)
+    with writer:
+        for name, tensor in state_dict.items():
+            writer.add(name, tensor)
+        writer.write_json(CONFIG_NAME, config_dict)
         if generation_config is not None:
-            (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            writer.write_json(GENERATION_CONFIG_NAME, generation_config)
     return out_dir
