@@ -104,6 +104,14 @@ def sink_attention_reference(q, k, v, sinks, *, scale, window=None, cu_seqlens=N
     return torch.cat(outputs, dim=1).to(q.dtype)
 
 
+try:  # torch ≥ 2.9 asks for the log-sum-exp through AuxRequest; older versions through return_lse
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    _LSE_REQUEST = {"return_aux": AuxRequest(lse=True)}
+except ImportError:
+    _LSE_REQUEST = {"return_lse": True}
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -135,8 +143,9 @@ def _flex_sink_attention(q, k, v, sinks, scale, window, cu_seqlens):
     mask = _block_mask(q.shape[1], k.shape[1], window, boundaries, str(q.device))
     out, lse = _compiled_flex_attention()(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        block_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2], return_lse=True,
+        block_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2], **_LSE_REQUEST,
     )
+    lse = getattr(lse, "lse", lse)  # newer torch returns an aux record
     if sinks is not None:
         # Adding exp(s) to the denominator rescales the sink-free output by Σexp(ℓ)/(Σexp(ℓ)+exp(s)) = σ(lse − s).
         out = out * torch.sigmoid(lse - sinks.float()[None, :, None]).unsqueeze(-1).to(out.dtype)

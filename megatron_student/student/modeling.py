@@ -63,6 +63,18 @@ class Positions:
     scaling: float
 
 
+def make_positions(yarn: YarnRope, batch: int, length: int, device, cu_seqlens=None, start: int = 0) -> Positions:
+    """Positions (restarting in every packed document when cu_seqlens is given) and their YaRN cos/sin."""
+    if cu_seqlens is not None:
+        ids = torch.arange(length, device=device) - cu_seqlens[:-1].repeat_interleave(cu_seqlens.diff())
+    else:
+        ids = torch.arange(start, start + length, device=device)
+    ids = ids.unsqueeze(0).expand(batch, length)
+    # Recomputed per call (D/2 values): a buffer would be left uninitialised by meta-device loading.
+    cos, sin = rope_cos_sin(ids, yarn.inv_freq().to(device), yarn.concentration)
+    return Positions(ids, cos, sin, yarn.concentration)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -369,17 +381,6 @@ class StudentModel(StudentPreTrainedModel):
         self.yarn = YarnRope.from_hf_config(config)
         self.post_init()
 
-    def positions(self, input_shape, device, cu_seqlens=None, start: int = 0) -> Positions:
-        B, T = input_shape
-        if cu_seqlens is not None:  # positions restart in every packed document
-            ids = torch.arange(T, device=device) - cu_seqlens[:-1].repeat_interleave(cu_seqlens.diff())
-        else:
-            ids = torch.arange(start, start + T, device=device)
-        ids = ids.unsqueeze(0).expand(B, T)
-        # Recomputed per call (D/2 values): a buffer would be left uninitialised by meta-device loading.
-        cos, sin = rope_cos_sin(ids, self.yarn.inv_freq().to(device), self.yarn.concentration)
-        return Positions(ids, cos, sin, self.yarn.concentration)
-
     def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None, cache=None, use_cache=False,
                 output_hidden_states=False):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -388,7 +389,7 @@ class StudentModel(StudentPreTrainedModel):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens (packed training) cannot be combined with a decoding cache")
         start = cache.seen_tokens if cache is not None else 0
-        positions = self.positions(x.shape[:2], x.device, cu_seqlens, start)
+        positions = make_positions(self.yarn, *x.shape[:2], x.device, cu_seqlens, start)
         hidden, routers = [], []
         for layer in self.layers:
             if output_hidden_states:
