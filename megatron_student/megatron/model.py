@@ -1,0 +1,211 @@
+"""Megatron-Core student and teacher: ``GPTModel`` over per-layer ``TransformerLayer`` specs.
+
+Every layer is RMSNorm → attention (``attention.py``, chosen per layer from the plan or gpt-oss ``layer_types``)
+→ RMSNorm → Megatron ``MoELayer`` (``SequentialMLP`` experts with biases, the gpt-oss router, clamped SwiGLU on
+Megatron's [gate; up] layout, allgather or alltoall dispatcher, expert parallelism). Embedding and output layer are
+Megatron's vocab-parallel ones (untied); position information lives in the attention modules (YaRN / GRAPE-M), so
+``position_embedding_type='none'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from ..ops.rope import YarnRope
+from . import compat
+from .attention import ATTENTION_CLASSES, AttentionSettings
+from .layers import ClampedSwiGLU, GptOssRouter, RMSNorm, padded_vocab_size
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout and numerics of one model. ``sequence_parallel`` None: on exactly when TP > 1 (Megatron's MoE
+    requires it with TP, and the replicated-gradient rules of layers.py rely on it). Expert TP is always 1
+    (biased experts, megatron.md §1.1)."""
+
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    sequence_parallel: bool | None = None
+    dispatcher: str = "allgather"  # or "alltoall"
+    params_dtype: torch.dtype = torch.float32
+    make_vocab_size_divisible_by: int = 128
+    attention_backend: str = "auto"  # ops.attention.sink_attention backend
+    max_sequence_length: int = 131072
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        return self.tensor_parallel > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+
+def initialize_parallel(parallel: ParallelConfig) -> None:
+    """Create Megatron's process groups for ``parallel`` (torch.distributed must be initialised; any backend)."""
+    compat.apply()
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("initialize torch.distributed (e.g. init_process_group('nccl' or 'gloo')) first")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=1,
+        create_gloo_process_groups=False,
+    )
+
+
+def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig:
+    """TransformerConfig for a gpt-oss-shaped HF config (teacher ``GptOssConfig`` or ``StudentConfig``)."""
+    if parallel.tensor_parallel > 1 and not parallel.uses_sequence_parallel:
+        raise ValueError("TP > 1 needs sequence parallelism (MoE + TP in Megatron, and the TP gradient rules)")
+    if parallel.dispatcher not in ("allgather", "alltoall"):
+        raise ValueError(f"dispatcher {parallel.dispatcher!r}: choose allgather or alltoall")
+    if hf_config.num_local_experts % parallel.expert_parallel:
+        raise ValueError(f"num_local_experts={hf_config.num_local_experts} is not divisible by EP={parallel.expert_parallel}")
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=hf_config.head_dim,
+        ffn_hidden_size=hf_config.intermediate_size,
+        moe_ffn_hidden_size=hf_config.intermediate_size,
+        num_moe_experts=hf_config.num_local_experts,
+        moe_router_topk=hf_config.num_experts_per_tok,
+        moe_router_load_balancing_type="none",
+        moe_router_pre_softmax=False,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=parallel.dispatcher,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_aux_loss_coeff=0.0,
+        add_bias_linear=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,  # placeholder for validation; the experts use layers.ClampedSwiGLU via the spec
+        use_te_activation_func=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        init_method_std=hf_config.initializer_range,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=parallel.uses_sequence_parallel,
+        params_dtype=parallel.params_dtype,
+        bf16=parallel.params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+
+
+def _attention_settings(hf_config, kind: str, parallel: ParallelConfig, student: bool) -> AttentionSettings:
+    common = dict(
+        kind=kind, num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads,
+        head_dim=hf_config.head_dim, rope=YarnRope.from_hf_config(hf_config),
+        attention_bias=bool(hf_config.attention_bias), backend=parallel.attention_backend,
+        norm_eps=hf_config.rms_norm_eps)
+    window = hf_config.window if student else hf_config.sliding_window
+    if kind == "softmax_full":
+        return AttentionSettings(**common)
+    if kind == "softmax_sliding":
+        return AttentionSettings(**common, window=window)
+    if kind == "swa_tpa":
+        q_rank, k_rank, v_rank = hf_config.tpa_ranks
+        return AttentionSettings(
+            **common, window=window, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank,
+            tpa_contextual=hf_config.tpa_contextual, grape=hf_config.position_encoding == "grape_m",
+            grape_learned_basis=hf_config.grape_learned_basis)
+    if kind == "kda":
+        return AttentionSettings(
+            **common, kda_num_heads=hf_config.kda_num_heads, kda_num_v_heads=hf_config.kda_num_v_heads,
+            kda_conv_size=hf_config.kda_conv_size, kda_lower_bound=hf_config.kda_lower_bound)
+    raise ValueError(f"unknown attention kind {kind!r}; choose one of {sorted(ATTENTION_CLASSES)}")
+
+
+def moe_spec(swiglu_limit: float) -> ModuleSpec:
+    experts = ModuleSpec(
+        module=SequentialMLP,
+        submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear,
+            linear_fc2=RowParallelLinear,
+            activation_func=ModuleSpec(module=ClampedSwiGLU, params={"limit": float(swiglu_limit)}),
+        ),
+    )
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
+
+
+def layer_spec(settings: AttentionSettings, swiglu_limit: float) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(module=ATTENTION_CLASSES[settings.kind], params={"settings": settings}),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=moe_spec(swiglu_limit),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def _build(hf_config, kinds: list[str], parallel: ParallelConfig, student: bool) -> GPTModel:
+    compat.apply()
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("call megatron_student.megatron.initialize_parallel(parallel) before building a model")
+    if parallel_state.get_tensor_model_parallel_world_size() != parallel.tensor_parallel or \
+            parallel_state.get_expert_model_parallel_world_size() != parallel.expert_parallel:
+        raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
+    config = transformer_config(hf_config, parallel)
+    specs = [layer_spec(_attention_settings(hf_config, kind, parallel, student), hf_config.swiglu_limit) for kind in kinds]
+    offset = get_transformer_layer_offset(config)
+    local = specs[offset: offset + get_num_layers_to_build(config)]
+    block = TransformerBlockSubmodules(layer_specs=local, layer_norm=RMSNorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=padded_vocab_size(hf_config.vocab_size, parallel.tensor_parallel, parallel.make_vocab_size_divisible_by),
+        max_sequence_length=parallel.max_sequence_length,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="none",
+    )
+    model.hf_vocab_size = hf_config.vocab_size
+    return model
+
+
+def build_student(student_config, parallel: ParallelConfig) -> GPTModel:
+    """The student (``StudentConfig``: gpt-oss plus an attention plan) as a Megatron-Core GPTModel for this rank."""
+    return _build(student_config, list(student_config.attention_kinds), parallel, student=True)
+
+
+TEACHER_KINDS = {"sliding_attention": "softmax_sliding", "full_attention": "softmax_full"}
+
+
+def build_teacher(teacher_config, parallel: ParallelConfig) -> GPTModel:
+    """gpt-oss (a transformers ``GptOssConfig``) as a Megatron-Core GPTModel for this rank."""
+    unknown = sorted(set(teacher_config.layer_types) - set(TEACHER_KINDS))
+    if unknown:
+        raise ValueError(f"teacher layer_types {unknown} are not gpt-oss layer types {sorted(TEACHER_KINDS)}")
+    return _build(teacher_config, [TEACHER_KINDS[t] for t in teacher_config.layer_types], parallel, student=False)
