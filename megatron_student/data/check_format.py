@@ -43,6 +43,7 @@ CHANNEL, CONSTRAIN = 200005, 200003
 FIRST_SPECIAL = 199998
 _HEADER_SPECIALS = {CHANNEL, CONSTRAIN, MESSAGE}
 _STOPS = {END, RETURN, CALL}
+_NO_STOP = -1  # a message the stream ends inside
 
 
 @dataclass(frozen=True)
@@ -118,18 +119,23 @@ def check_tokens(tokens: Sequence[int], mode: str = "auto") -> list[FormatIssue]
             return issues
         if parser.state == StreamState.CONTENT:
             issues.append(FormatIssue("unterminated", len(tokens), "stream ends inside message content"))
-    issues.extend(_message_issues(closed, encoding))
+            closed.append(_Closed(parser.current_role.value if parser.current_role else "", parser.current_channel,
+                                  parser.current_recipient, parser.current_content, _NO_STOP, len(tokens)))
+    # After a structural break the turn is unknown: only per-message checks still mean something.
+    issues.extend(_message_issues(closed, encoding, whole_stream=not issues or issues[-1].kind != "broken_header"))
     return issues
 
 
-def _message_issues(closed: list[_Closed], encoding) -> list[FormatIssue]:
+def _message_issues(closed: list[_Closed], encoding, whole_stream: bool) -> list[FormatIssue]:
     issues = []
     for i, m in enumerate(closed):
-        last = i == len(closed) - 1
-        stop = encoding.decode([m.stop])
+        last = whole_stream and i == len(closed) - 1
         leaked = SPECIAL_TEXT.search(m.text)
         if leaked:
             issues.append(FormatIssue("leaked_special_token", m.position, f"text {leaked.group()!r} in content"))
+        if m.stop == _NO_STOP:
+            continue  # reported as unterminated
+        stop = encoding.decode([m.stop])
         if m.role == "assistant":
             if m.channel not in CHANNELS:
                 issues.append(FormatIssue("broken_header", m.position,
@@ -148,6 +154,8 @@ def _message_issues(closed: list[_Closed], encoding) -> list[FormatIssue]:
         if last and m.stop == END:
             issues.append(FormatIssue("wrong_stop_token", m.position,
                                       "the last message ends with <|end|>; a turn ends with <|return|> or <|call|>"))
+    if not whole_stream:
+        return issues
     turn_start = max((i + 1 for i, m in enumerate(closed) if m.role in ("system", "developer", "user")), default=0)
     turn = closed[turn_start:]
     finals = [m for m in turn if m.role == "assistant" and m.channel == "final"]
