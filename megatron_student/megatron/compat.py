@@ -25,24 +25,54 @@ def _te_general_gemm_name_error() -> None:
 
 def _expert_bias_inplace_on_view() -> None:
     """With expert biases at ETP = 1 and EP = 1, the expert RowParallelLinear output passes through
-    ``reduce_from_tensor_model_parallel_region``, which returns its input (a view) for a group of size 1, and
-    ``MLP.forward`` then does ``output += output_bias * per_token_scale`` in place: "Output 0 of
-    _ReduceFromModelParallelRegion is a view and is being modified inplace". Not fixed upstream (present on
-    Megatron-LM main as of core_v0.19.0). Workaround: clone the reduced output for groups of size 1."""
+    ``reduce_from_tensor_model_parallel_region`` (or ``reduce_scatter_to_sequence_parallel_region`` under sequence
+    parallelism), which returns its input as-is for the expert-TP group of size 1; ``MLP.forward`` then does
+    ``output += output_bias * per_token_scale`` in place: "Output 0 of _ReduceFromModelParallelRegion is a view and
+    is being modified inplace". Not fixed upstream (present on Megatron-LM main as of core_v0.19.0). Workaround:
+    the two reductions, as tensor_parallel/layers.py binds them, clone their output for groups of size 1."""
     from megatron.core.tensor_parallel import layers
 
-    original = layers.reduce_from_tensor_model_parallel_region
+    for name in ("reduce_from_tensor_model_parallel_region", "reduce_scatter_to_sequence_parallel_region"):
+        original = getattr(layers, name)
+        if getattr(original, "_megatron_student_compat", False):
+            continue
+
+        def cloning(input_, *args, _original=original, **kwargs):
+            output = _original(input_, *args, **kwargs)
+            group = kwargs.get("group", args[0] if args else None)
+            if group is not None and group.size() == 1:
+                output = output.clone()
+            return output
+
+        cloning._megatron_student_compat = True
+        setattr(layers, name, cloning)
+
+
+def _expert_grads_at_ep1() -> None:
+    """Expert linears mark their parameters ``allreduce = not (is_expert and EP > 1)`` (tensor_parallel/layers.py),
+    so at EP = 1 DDP reduces expert gradients over the dense data-parallel group. With expert TP = 1 < TP (forced
+    by the expert biases) and sequence parallelism, each TP rank routes only its own sequence shard, so its expert
+    gradients are partial and must be summed over the expert-data-parallel group, which includes the TP ranks;
+    the dense group does not, and the TP ranks' expert weights silently diverge. Not fixed upstream as of
+    core_v0.16.1 (the attribute still follows ``expert_model_parallel_size`` only). Workaround: every parameter
+    built by ``SequentialMLP`` is flagged ``allreduce = False`` so DDP puts it in the expert buffers
+    (reduced over the expert-data-parallel group, scaled 1/DP like dense gradients), and ``sequence_parallel =
+    False``: RowParallelLinear flags its bias ``sequence_parallel``, which made ``finalize_model_grads`` sum the
+    expert fc2 bias over TP a second time."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    original = SequentialMLP.__init__
     if getattr(original, "_megatron_student_compat", False):
         return
 
-    def reduce_from_tensor_model_parallel_region(input_, group=None):
-        output = original(input_, group=group)
-        if group is not None and group.size() == 1:
-            output = output.clone()
-        return output
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for p in self.parameters():
+            p.allreduce = False
+            p.sequence_parallel = False
 
-    reduce_from_tensor_model_parallel_region._megatron_student_compat = True
-    layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
+    __init__._megatron_student_compat = True
+    SequentialMLP.__init__ = __init__
 
 
 def _cuda_only_device_calls() -> None:
@@ -63,6 +93,28 @@ def _cuda_only_device_calls() -> None:
     torch.cuda.current_device = current_device
 
 
+def _cuda_rng_tracker_fork() -> None:
+    """``CudaRNGStatesTracker.fork`` (tensor_parallel/random.py) swaps CUDA generator states around dropout under
+    tensor/sequence parallelism and fails without CUDA ("cuda rng state model-parallel-rng is not added"). Not
+    fixed upstream. Without CUDA the fork becomes a no-op context (the models have no dropout; CPU runs use the
+    default generator). With CUDA, call ``tensor_parallel.model_parallel_cuda_manual_seed`` as usual."""
+    if torch.cuda.is_available():
+        return
+    import contextlib
+
+    from megatron.core.tensor_parallel import random as tp_random
+
+    if getattr(tp_random.CudaRNGStatesTracker.fork, "_megatron_student_compat", False):
+        return
+
+    @contextlib.contextmanager
+    def fork(self, name=None):
+        yield
+
+    fork._megatron_student_compat = True
+    tp_random.CudaRNGStatesTracker.fork = fork
+
+
 def apply() -> None:
     """Apply every workaround once (safe to call repeatedly)."""
     global _APPLIED
@@ -70,5 +122,7 @@ def apply() -> None:
         return
     _te_general_gemm_name_error()
     _expert_bias_inplace_on_view()
+    _expert_grads_at_ep1()
     _cuda_only_device_calls()
+    _cuda_rng_tracker_fork()
     _APPLIED = True

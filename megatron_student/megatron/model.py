@@ -66,7 +66,6 @@ def initialize_parallel(parallel: ParallelConfig) -> None:
         tensor_model_parallel_size=parallel.tensor_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=1,
-        create_gloo_process_groups=False,
     )
 
 

@@ -1,0 +1,223 @@
+"""Per-rank bodies of the distributed Megatron tests (run through ``megatron_harness.run_distributed``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_harness import VOCAB, hf_student, hf_teacher
+from megatron_student.megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
+
+
+def batch(seed: int, batch_size: int = 2, length: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batch_size, length + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def packed(seed: int, lengths=(13, 19)):
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    return docs, torch.cat(docs)[None], params
+
+
+def build(which: str, plan, tp: int, ep: int, seed: int):
+    """Process groups for (tp, ep) and a Megatron model holding the seed's random HF weights."""
+    parallel = ParallelConfig(tensor_parallel=tp, expert_parallel=ep)
+    initialize_parallel(parallel)
+    hf = hf_student(plan, seed=seed) if which == "student" else hf_teacher(seed=seed)
+    model = build_student(hf.config, parallel) if which == "student" else build_teacher(hf.config, parallel)
+    load_hf_weights(model, hf.state_dict())
+    return model
+
+
+def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[b, s, V/TP] vocab shards → [b, s, VOCAB] (padding dropped)."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)[..., :VOCAB].detach()
+
+
+def gather_params(model: torch.nn.Module, attr: str) -> dict[str, torch.Tensor]:
+    """Global tensors (``attr`` of every parameter: "data" or "main_grad") in Megatron's global layout: TP shards
+    concatenated on their partition axis, local experts renamed to their global index."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    out = {}
+    for name, p in model.named_parameters():
+        value = getattr(p, attr).detach().clone()  # main_grad is a view of DDP's buffer
+        if ".local_experts." in name:
+            head, tail = name.split(".local_experts.")
+            local, rest = tail.split(".", 1)
+            parts = [None] * ep_group.size()
+            torch.distributed.all_gather_object(parts, {int(local): value}, group=ep_group)
+            n_local = len(model.get_submodule(f"{head}.local_experts"))
+            for ep_rank, part in enumerate(parts):
+                for j, tensor in part.items():
+                    out[f"{head}.experts.{ep_rank * n_local + j}.{rest}"] = tensor
+        elif getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(value) for _ in range(tp_group.size())]
+            torch.distributed.all_gather(parts, value.contiguous(), group=tp_group)
+            out[name] = torch.cat(parts, dim=p.partition_dim)
+        else:
+            out[name] = value
+    return out
+
+
+def train_worker(rank: int, world: int, which: str, plan, tp: int, ep: int, seed: int, steps: int):
+    """Forward with labels, backward through Megatron DDP + finalize_model_grads, then ``steps`` AdamW steps on the
+    reduced gradients (torch's AdamW: Megatron's FP32Optimizer allocates on 'cuda' by name). Returns logits,
+    packed-input logits, mean loss and gathered gradients of step 0, and after the steps every TP rank's copy of
+    the TP-replicated parameters."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    model = build(which, plan, tp, ep, seed)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    tokens, labels = batch(seed + 100)
+    _, sequence, params = packed(seed + 200)
+    result = {}
+    for step in range(max(steps, 1)):
+        ddp.zero_grad_buffer()
+        ddp.train()
+        losses = ddp(tokens, None, None, labels=labels)
+        loss = losses.float().mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        if step == 0:
+            ddp.eval()
+            with torch.no_grad():
+                result["logits"] = gather_logits(ddp(tokens, None, None))
+                if sequence.shape[1] % tp == 0:
+                    result["packed"] = gather_logits(ddp(sequence, None, None, packed_seq_params=params))
+            result["loss"] = loss.detach()
+            result["grads"] = gather_params(model, "main_grad")
+        if steps:
+            for p in model.parameters():
+                p.grad = p.main_grad
+            optimizer.step()
+    if steps:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        replicated = {}
+        for name, p in model.named_parameters():
+            if not getattr(p, "tensor_model_parallel", False) or ".local_experts." in name:
+                parts = [torch.empty_like(p.data) for _ in range(tp_group.size())]
+                torch.distributed.all_gather(parts, p.data.contiguous(), group=tp_group)
+                replicated[name] = parts
+        result["replicated_after_steps"] = replicated
+    return result if rank == 0 else {"replicated_after_steps": result.get("replicated_after_steps")}
+
+
+def packed_worker(rank: int, world: int, which: str, plan, seed: int):
+    """TP = 1: logits of two packed documents and of each document alone."""
+    model = build(which, plan, 1, 1, seed)
+    model.eval()
+    docs, sequence, params = packed(seed + 200)
+    with torch.no_grad():
+        together = gather_logits(model(sequence, None, None, packed_seq_params=params))
+        alone = [gather_logits(model(doc[None], None, None)) for doc in docs]
+    return {"together": together, "alone": alone}
+
+
+def checkpoint_worker(rank: int, world: int, which: str, plan, seed: int, directory: str, layouts):
+    """Save a torch_dist checkpoint at layouts[0], then for each next layout: rebuild from a different random seed,
+    load the previous checkpoint, record logits and save again. Returns the logits of every layout."""
+    from megatron.core import dist_checkpointing
+
+    tokens, _ = batch(seed + 300)
+    logits = []
+    for index, (tp, ep) in enumerate(layouts):
+        model = build(which, plan, tp, ep, seed if index == 0 else seed + 1 + index)
+        if index > 0:
+            state = dist_checkpointing.load(model.sharded_state_dict(), f"{directory}/ckpt{index - 1}")
+            model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            logits.append(gather_logits(model(tokens, None, None)))
+        path = f"{directory}/ckpt{index}"
+        if rank == 0:
+            os.makedirs(path)
+        torch.distributed.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), path)
+        torch.distributed.barrier()
+    return logits
+
+
+def parity_worker(rank: int, world: int, plans: dict, seed: int):
+    """TP = EP = 1, fp32: (Megatron, HF) logits for the teacher and each student plan on the same weights."""
+    tokens, _ = batch(seed + 400, length=40)  # 40 positions: five times the window of 8
+    pairs = {}
+    for name, plan in [("teacher", None), *plans.items()]:
+        which = "teacher" if name == "teacher" else "student"
+        model = build(which, plan, 1, 1, seed)
+        model.eval()
+        hf = hf_teacher(seed=seed) if which == "teacher" else hf_student(plan, seed=seed)
+        with torch.no_grad():
+            pairs[name] = (gather_logits(model(tokens, None, None)), hf(tokens).logits)
+    return pairs
+
+
+def activation_worker(rank: int, world: int, seed: int):
+    """One expert MLP built twice on the same weights: with our ClampedSwiGLU spec activation, and with Megatron's
+    own GLU path (quick_gelu, clamp 7, linear offset 1). Returns both outputs and input gradients."""
+    import dataclasses
+
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    from megatron_student.megatron.layers import ClampedSwiGLU
+    from megatron_student.megatron.model import transformer_config
+
+    from megatron_harness import teacher_config
+
+    initialize_parallel(ParallelConfig())
+    ours_config = transformer_config(teacher_config(), ParallelConfig())
+    megatron_config = dataclasses.replace(
+        ours_config, use_te_activation_func=False, activation_func=quick_gelu, glu_linear_offset=1.0,
+        activation_func_clamp_value=7.0)
+    outputs = []
+    x = torch.randn(50, ours_config.hidden_size, generator=torch.Generator().manual_seed(seed)) * 3
+    scale = torch.rand(50, generator=torch.Generator().manual_seed(seed + 1))
+    state = None
+    for config, activation in ((ours_config, ModuleSpec(ClampedSwiGLU, params={"limit": 7.0})), (megatron_config, None)):
+        mlp = MLP(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear,
+                                        activation_func=activation),
+                  is_expert=True, ffn_hidden_size=config.moe_ffn_hidden_size)
+        if state is None:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for p in mlp.parameters():
+                    p.normal_(0, 1.0)
+            state = mlp.state_dict()
+        mlp.load_state_dict(state)
+        xi = x.clone().requires_grad_(True)
+        out, _ = mlp(xi, scale)
+        out.sum().backward()
+        outputs.append((out.detach(), xi.grad))
+    return outputs
+
+
+def compat_worker(rank: int, world: int):
+    """compat.apply() twice (idempotent), then Megatron's own router gating on CPU (NameError without the fix)."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_student.megatron import compat
+
+    compat.apply()
+    patched = layers.reduce_from_tensor_model_parallel_region
+    compat.apply()
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(4, 8, requires_grad=True)
+    logits = moe_utils.router_gating_linear(x, w, None, torch.float32)
+    logits.sum().backward()
+    return logits.detach(), (x @ w.t()).detach(), w.grad is not None, layers.reduce_from_tensor_model_parallel_region is patched
