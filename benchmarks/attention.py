@@ -86,10 +86,10 @@ def main() -> None:
         x = torch.randn(1, T, HIDDEN, device=device, dtype=dtype, requires_grad=True)
         pos = make_positions(yarn, 1, T, device)
         cases = {
-            "kda ours": lambda h: ours_kda(h, pos),
-            "kda fla": lambda h: fla_kda(h)[0],
             "swa+tpa ours": lambda h: swa_tpa(h, pos),
             "full gqa teacher": lambda h: full_gqa(h, pos),
+            "kda ours": lambda h: ours_kda(h, pos),
+            "kda fla": lambda h: fla_kda(h)[0],
         }
         result = {"T": T}
         for name, fn in cases.items():
@@ -98,6 +98,7 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 result[name] = (float("nan"), float("nan"))
                 torch.cuda.empty_cache()
+            print(f"T={T:>6} {name:<17} {result[name][0]:9.2f} ms  {result[name][1]:6.2f} GiB", flush=True)
         rows.append(result)
 
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  (fwd+bwd, B=1, bf16, median ms | peak GiB)")
