@@ -74,8 +74,8 @@ def gather_params(model: torch.nn.Module, attr: str) -> dict[str, torch.Tensor]:
 def train_worker(rank: int, world: int, which: str, plan, tp: int, ep: int, seed: int, steps: int):
     """Forward with labels, backward through Megatron DDP + finalize_model_grads, then ``steps`` AdamW steps on the
     reduced gradients (torch's AdamW: Megatron's FP32Optimizer allocates on 'cuda' by name). Returns logits,
-    packed-input logits, mean loss and gathered gradients of step 0, and after the steps every TP rank's copy of
-    the TP-replicated parameters."""
+    packed-input logits, mean loss and gathered gradients of step 0, and after the steps every copy of each
+    replicated parameter (TP group for dense, expert-data-parallel group for experts)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     model = build(which, plan, tp, ep, seed)
@@ -103,13 +103,16 @@ def train_worker(rank: int, world: int, which: str, plan, tp: int, ep: int, seed
             for p in model.parameters():
                 p.grad = p.main_grad
             optimizer.step()
-    if steps:
+    if steps:  # TP-replicated parameters across the TP group; experts across their expert-data-parallel group
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        edp_group = parallel_state.get_expert_data_parallel_group()
         replicated = {}
         for name, p in model.named_parameters():
-            if not getattr(p, "tensor_model_parallel", False) or ".local_experts." in name:
-                parts = [torch.empty_like(p.data) for _ in range(tp_group.size())]
-                torch.distributed.all_gather(parts, p.data.contiguous(), group=tp_group)
+            expert = ".local_experts." in name
+            if expert or not getattr(p, "tensor_model_parallel", False):
+                group = edp_group if expert else tp_group
+                parts = [torch.empty_like(p.data) for _ in range(group.size())]
+                torch.distributed.all_gather(parts, p.data.contiguous(), group=group)
                 replicated[name] = parts
         result["replicated_after_steps"] = replicated
     return result if rank == 0 else {"replicated_after_steps": result.get("replicated_after_steps")}

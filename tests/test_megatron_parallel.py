@@ -28,7 +28,7 @@ def test_parallel_layout_matches_single_process(reference, tp, ep, world):
     for name, grad in reference["grads"].items():
         assert grad.norm() > 0, f"{name} has no gradient"
         assert rel(r["grads"][name], grad) < GRAD_TOL, name
-    for rank_result in results:  # after 3 AdamW steps every TP rank holds the same replicated parameters
+    for rank_result in results:  # after 3 AdamW steps all copies of a replicated parameter are identical
         for name, copies in rank_result["replicated_after_steps"].items():
             for copy in copies[1:]:
                 assert torch.equal(copy, copies[0]), name

@@ -79,8 +79,9 @@ def _cuda_only_device_calls() -> None:
     """megatron-core allocates communication buffers and router/rotary state with
     ``device=torch.cuda.current_device()`` (tensor_parallel/mappings.py gathers, tensor_parallel/layers.py
     sequence-parallel gathers, utils.GlobalMemoryBuffer, moe/router.py buffers). Not fixed upstream (Megatron
-    targets CUDA). On a machine without CUDA (CPU tests, gloo) ``torch.cuda.current_device`` is pointed at
-    "cpu"; with CUDA nothing changes."""
+    targets CUDA); dist_checkpointing's filesystem writer calls ``torch.cuda.synchronize()`` unconditionally
+    (strategies/filesystem_async.py). On a machine without CUDA (CPU tests, gloo) ``torch.cuda.current_device``
+    is pointed at "cpu" and ``torch.cuda.synchronize`` becomes a no-op; with CUDA nothing changes."""
     if torch.cuda.is_available():
         return
     if getattr(torch.cuda.current_device, "_megatron_student_compat", False):
@@ -89,8 +90,12 @@ def _cuda_only_device_calls() -> None:
     def current_device():
         return "cpu"
 
+    def synchronize(device=None):
+        return None
+
     current_device._megatron_student_compat = True
     torch.cuda.current_device = current_device
+    torch.cuda.synchronize = synchronize
 
 
 def _cuda_rng_tracker_fork() -> None:

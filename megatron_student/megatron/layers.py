@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.router import TopKRouter
 
 from ..ops.moe import clamped_swiglu_stacked, router_topk_softmax
@@ -82,14 +83,14 @@ class RMSNorm(torch.nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class ClampedSwiGLU(torch.nn.Module):
+class ClampedSwiGLU(MegatronModule):
     """gpt-oss expert activation on Megatron's [gate; up] fc1 output (ops.moe.clamped_swiglu_stacked). Used as
     ``MLPSubmodules.activation_func``; MLP applies it to the full fc1 output (bias added) when
     ``config.use_te_activation_func`` is set, which despite its name only selects the spec-built activation
-    (no Transformer Engine involved)."""
+    (no Transformer Engine involved). A MegatronModule because MLP.sharded_state_dict visits every child."""
 
     def __init__(self, config, limit: float):
-        super().__init__()
+        super().__init__(config=config)
         self.limit = limit
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:

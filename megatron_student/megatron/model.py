@@ -116,6 +116,7 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
         params_dtype=parallel.params_dtype,
         bf16=parallel.params_dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
+        hetereogenous_dist_checkpoint=True,  # per-layer checkpoint keys: layers differ in attention kind
     )
 
 
