@@ -156,6 +156,10 @@ def gated_rms_norm(
         raise ValueError(f"gated_rms_norm: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}")
     if activation not in ("sigmoid", "swish", "silu"):
         raise ValueError(f"gated_rms_norm: unsupported activation {activation!r}")
+    if x.is_cuda and x.dtype != torch.float64:
+        from fla.modules.fused_norm_gate import rms_norm_gated
+
+        return rms_norm_gated(x, gate, weight, None, activation=activation, eps=eps)
     acc = _acc_dtype(x, weight, gate)
     xf, gf = x.to(acc), gate.to(acc)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -196,8 +200,9 @@ def causal_short_conv(
             (fla's cache layout; only the last W-1 entries influence the output).
         output_final_state: also return the ``[N, D, W]`` state after each sequence (x.dtype).
 
-    Decoding one token per sequence is ``T == 1`` with a state. Math runs in fp32 (fp64 for fp64
-    input) with ``F.conv1d`` on both CPU and CUDA, so it is exact and differentiable everywhere.
+    Decoding one token per sequence is ``T == 1`` with a state. On CUDA, sequences (T > 1) run fla's
+    Triton ``causal_conv1d``; elsewhere (and for decode steps) the math runs in fp32 (fp64 for fp64
+    input) with ``F.conv1d``, exact and differentiable.
     Returns ``(y [B, T, D] in x.dtype, final_state or None)``.
     """
     if x.ndim != 3:
@@ -221,6 +226,13 @@ def causal_short_conv(
             f"causal_short_conv: initial_state must be [N, D, W]=[{N}, {D}, {W}], got {list(initial_state.shape)}"
         )
 
+    if x.is_cuda and T > 1 and x.dtype != torch.float64:
+        from fla.modules.causal_conv1d.ops import causal_conv1d
+
+        y, final_state = causal_conv1d(
+            x, weight, bias, initial_state=initial_state, output_final_state=output_final_state,
+            activation=activation, cu_seqlens=cu_seqlens)
+        return y, final_state
     acc = _acc_dtype(x, weight, bias, initial_state)
     dev = x.device
     # Each sequence gets W slots in front of its tokens holding its initial state (or zeros), so
@@ -554,4 +566,47 @@ def kda(
             use_qk_l2norm_in_kernel=use_qk_l2norm,
             cu_seqlens=cu_seqlens,
         )
+    return o.to(q.dtype), final_state
+
+
+def kda_from_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    f: torch.Tensor,
+    beta_logits: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    lower_bound: float | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KDA from the layer's raw projections: decay from ``f`` [B, T, HV*K] via :func:`kda_gate` and
+    β = σ(``beta_logits`` [B, T, HV]). The same function as ``kda(q, k, v, kda_gate(f, …), σ(β))``; on CUDA
+    training/prefill the gate and the sigmoid run inside fla's ``chunk_kda`` (as fla's own layer does),
+    which saves the fp32 [B, T, HV, K] decay tensor and its backward pass."""
+    B, T = q.shape[:2]
+    HV = v.shape[2]
+    if beta_logits.shape != (B, T, HV):
+        raise ValueError(f"kda_from_logits: beta_logits must be [B, T, HV]=[{B}, {T}, {HV}], got {list(beta_logits.shape)}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, f, beta_logits, A_log, dt_bias))
+    if not (q.is_cuda and (needs_grad or T > DECODE_MAX_TOKENS)):
+        g = kda_gate(f, A_log, dt_bias, lower_bound=lower_bound)
+        return kda(q, k, v, g, torch.sigmoid(beta_logits.float()).to(q.dtype), scale=scale,
+                   initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                   safe_gate=False)
+    K = q.shape[-1]
+    if f.shape != (B, T, HV * K):
+        raise ValueError(f"kda_from_logits: f must be [B, T, HV*K]=[{B}, {T}, {HV * K}], got {list(f.shape)}")
+    _check_kda_inputs(q, k, v, f.view(B, T, HV, K), beta_logits, initial_state, cu_seqlens, scale, "kda_from_logits")
+    from fla.ops.kda import chunk_kda
+
+    o, final_state = chunk_kda(
+        q=q, k=k, v=v, g=f.view(B, T, HV, K), beta=beta_logits, A_log=A_log, dt_bias=dt_bias, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None,
+        lower_bound=lower_bound, cu_seqlens=cu_seqlens)
     return o.to(q.dtype), final_state

@@ -18,7 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..ops.attention import sink_attention
-from ..ops.kda import causal_short_conv, gated_rms_norm, kda, kda_gate
+from ..ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
 from ..ops.moe import experts_forward, router_topk_softmax
 from ..ops.norm import rms_norm
 from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin
@@ -218,10 +218,9 @@ class KdaAttention(nn.Module):
         q, q_conv = conv("q", self.q_proj(x))
         k, k_conv = conv("k", self.k_proj(x))
         v, v_conv = conv("v", self.v_proj(x))
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias, lower_bound=self.lower_bound)
-        beta = torch.sigmoid(self.b_proj(x).float())
-        o, recurrent = kda(
-            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, K), g, beta,
+        o, recurrent = kda_from_logits(
+            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, K), self.f_b_proj(self.f_a_proj(x)),
+            self.b_proj(x), self.A_log, self.dt_bias, lower_bound=self.lower_bound,
             initial_state=None if state is None else state["recurrent"], output_final_state=keep_state,
             cu_seqlens=cu_seqlens)
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, HV, K)
