@@ -61,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 32768])
     parser.add_argument("--json")
+    parser.add_argument("--only", choices=("kda", "swa"), help="run one of the two comparisons")
     args = parser.parse_args()
     from fla.layers import KimiDeltaAttention
 
@@ -91,6 +92,8 @@ def main() -> None:
             "kda ours": lambda h: ours_kda(h, pos),
             "kda fla": lambda h: fla_kda(h)[0],
         }
+        if args.only:
+            cases = {n: f for n, f in cases.items() if n.startswith("kda") == (args.only == "kda")}
         result = {"T": T}
         for name, fn in cases.items():
             try:
@@ -104,8 +107,9 @@ def main() -> None:
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  (fwd+bwd, B=1, bf16, median ms | peak GiB)")
     header = f"{'T':>6} | {'KDA ours':>16} | {'KDA fla':>16} | {'ratio':>5} {'≤1.15':>5} | {'SWA+TPA':>16} | {'full GQA':>16} | {'ratio':>5} {'faster':>6}"
     print(header + "\n" + "-" * len(header))
+    nan = (float("nan"), float("nan"))
     for r in rows:
-        ko, kf, st, fg = r["kda ours"], r["kda fla"], r["swa+tpa ours"], r["full gqa teacher"]
+        ko, kf, st, fg = (r.get(n, nan) for n in ("kda ours", "kda fla", "swa+tpa ours", "full gqa teacher"))
         kda_ratio, attn_ratio = ko[0] / kf[0], st[0] / fg[0]
         print(f"{r['T']:>6} | {ko[0]:8.2f} {ko[1]:6.1f}G | {kf[0]:8.2f} {kf[1]:6.1f}G | {kda_ratio:5.2f} {str(kda_ratio <= 1.15):>5} | "
               f"{st[0]:8.2f} {st[1]:6.1f}G | {fg[0]:8.2f} {fg[1]:6.1f}G | {attn_ratio:5.2f} {str(attn_ratio < 1):>6}")

@@ -604,9 +604,12 @@ def kda_from_logits(
     _check_kda_inputs(q, k, v, f.view(B, T, HV, K), beta_logits, initial_state, cu_seqlens, scale, "kda_from_logits")
     from fla.ops.kda import chunk_kda
 
+    # V-first states, exactly the kernel variant fla's own KimiDeltaAttention compiles (one Triton build
+    # serves both); our API keeps K-first states.
     o, final_state = chunk_kda(
         q=q, k=k, v=v, g=f.view(B, T, HV, K), beta=beta_logits, A_log=A_log, dt_bias=dt_bias, scale=scale,
-        initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-        use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None,
-        lower_bound=lower_bound, cu_seqlens=cu_seqlens)
-    return o.to(q.dtype), final_state
+        initial_state=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),
+        output_final_state=output_final_state, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None, lower_bound=lower_bound,
+        state_v_first=True, cu_seqlens=cu_seqlens)
+    return o.to(q.dtype), None if final_state is None else final_state.transpose(-1, -2)
