@@ -26,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from ..ops.attention import sink_attention
-from ..ops.kda import causal_short_conv, gated_rms_norm, kda, kda_gate
+from ..ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
 from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin
 from ..ops.tpa import tpa_combine
 from .layers import Projection, new_parameter
@@ -289,9 +289,9 @@ class KdaAttention(_TensorParallelAttention):
         q = conv(self.q_proj(x), self.q_conv_weight)
         k = conv(self.k_proj(x), self.k_conv_weight)
         v = conv(self.v_proj(x), self.v_conv_weight)
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias, lower_bound=self.settings.kda_lower_bound)
-        beta = torch.sigmoid(self.b_proj(x).float())
-        o, _ = kda(q.view(B, S, H, K), k.view(B, S, H, K), v.view(B, S, HV, K), g, beta, cu_seqlens=cu_seqlens)
+        o, _ = kda_from_logits(
+            q.view(B, S, H, K), k.view(B, S, H, K), v.view(B, S, HV, K), self.f_b_proj(self.f_a_proj(x)),
+            self.b_proj(x), self.A_log, self.dt_bias, lower_bound=self.settings.kda_lower_bound, cu_seqlens=cu_seqlens)
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, S, HV, K)
         o = gated_rms_norm(o, self.o_norm_weight, gate, self.settings.norm_eps)
         return self._exit(o.reshape(B, S, HV * K).to(x.dtype))
