@@ -1,0 +1,367 @@
+"""Distillation losses as plain functions: the one home of the trainer's loss math.
+
+Conventions shared by every function here:
+
+* **Token losses are weighted sums.** Every token loss returns ``Σ_t w_t · ℓ_t`` over the caller's tokens;
+  the caller divides by a normaliser from :func:`global_normaliser`, which counts the whole optimiser step
+  (every micro-batch of gradient accumulation on every data-parallel rank). Per-token tensors (labels, masks,
+  weights) are aligned with the logits rows: the caller has already shifted labels so that row ``t`` is
+  scored against ``labels[t]``.
+* **Distributions.** ``P`` is the teacher, ``Q`` the student, both ``softmax(logits / T)`` in float32
+  (float64 when the student logits are float64). The teacher is a constant: no gradient reaches it.
+* **Kinds** (``ℓ_t`` per token, summed over the vocabulary):
+
+  - ``forward_kl``: KL(P‖Q) = Σ p (log p − log q)
+  - ``reverse_kl``: KL(Q‖P) = Σ q (log q − log p)
+  - ``jsd``: generalised (skew) Jensen–Shannon, ``β·KL(P‖M) + (1−β)·KL(Q‖M)`` with ``M = β·P + (1−β)·Q``,
+    β in (0, 1). β = 0.5 is the symmetric JSD (bounded by log 2); for small β it approaches β·KL(P‖Q) and for
+    β near 1 it approaches (1−β)·KL(Q‖P) (the GKD paper's JSD(β), P = teacher).
+  - ``tvd``: total variation, ½ Σ |p − q| (in [0, 1]).
+  - ``ce``: −log q[label] on the **untempered** student logits (its temperature must be 1; no teacher needed).
+
+  The four distillation kinds are multiplied by T² (DistillKit's convention), which keeps their gradient scale
+  independent of T. CE is not.
+* **Vocabulary parallelism.** Logits are ``[..., V_local]``, the caller's shard of the (padded) vocabulary as
+  Megatron's ColumnParallel output layer leaves it: TP rank r holds ids ``[r·V_local, (r+1)·V_local)``. The
+  vocabulary is never gathered; per-token max (all-reduce MAX) and Σexp (differentiable all-reduce SUM) over
+  ``tp_group`` give a global log-softmax on each shard. Ids ≥ ``vocab_size`` (Megatron's padding, a suffix of
+  the vocabulary and so on the last ranks) are excluded for both models, which is the same as −inf logits, and
+  get zero gradient. ``tp_group=None`` (or a group of one) runs the same code without communication.
+  The returned loss is the full loss, identical on every TP rank; backpropagating it on every rank yields each
+  rank's exact gradient for its shard (the Megatron vocab-parallel cross-entropy convention — the sum over the
+  vocabulary is not counted TP times).
+* **Memory.** Tokens are processed in chunks of ``chunk_size`` by a custom autograd function: the forward keeps
+  no activations, and the backward recomputes each chunk and writes its gradient into one buffer of the
+  logits' own shape and dtype. No float32 tensor larger than ``[chunk_size, V_local]`` is created, forward or
+  backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+IGNORE_INDEX = -100
+LOGIT_LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
+ALIGNMENT_KINDS = ("cosine", "mse")
+
+
+@dataclass(frozen=True)
+class LogitLoss:
+    """One logit-loss component: its kind, temperature and (for ``jsd``) the skew β."""
+
+    kind: str
+    temperature: float = 1.0
+    beta: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in LOGIT_LOSS_KINDS:
+            raise ValueError(f"unknown logit loss {self.kind!r}; expected one of {LOGIT_LOSS_KINDS}")
+        if not self.temperature > 0:
+            raise ValueError(f"{self.kind}: temperature must be > 0, got {self.temperature}")
+        if self.kind == "ce" and self.temperature != 1.0:
+            raise ValueError("ce is computed on the untempered student logits; its temperature must be 1")
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"jsd: beta must be in (0, 1) (0 and 1 make the loss identically 0), got {self.beta}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-token weights and the global normaliser
+
+
+def token_weights(labels: torch.Tensor, analysis_mask: torch.Tensor, final_mask: torch.Tensor,
+                  analysis_weight: torch.Tensor | None = None, *, final_channel: float = 1.0,
+                  analysis_channel: float = 1.0, other_channel: float = 1.0) -> torch.Tensor:
+    """Per-token loss weights (float32, the shape of ``labels``).
+
+    weight = [labels ≠ −100] × (``final_channel`` on final tokens, ``analysis_channel`` on analysis tokens,
+    ``other_channel`` elsewhere) × ``analysis_weight`` (the data pipeline's per-token float, 1.0 outside analysis
+    content; None means all ones). A token may not be both analysis and final.
+    """
+    for name, t in (("analysis_mask", analysis_mask), ("final_mask", final_mask), ("analysis_weight", analysis_weight)):
+        if t is not None and t.shape != labels.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, labels {tuple(labels.shape)}")
+    if bool((analysis_mask & final_mask).any()):
+        raise ValueError("a token is marked both analysis and final")
+    channel = torch.full(labels.shape, float(other_channel), dtype=torch.float32, device=labels.device)
+    channel = channel.masked_fill(analysis_mask, float(analysis_channel)).masked_fill(final_mask, float(final_channel))
+    weight = channel * (labels != IGNORE_INDEX)
+    if analysis_weight is not None:
+        weight = weight * analysis_weight.to(torch.float32)
+    return weight
+
+
+def global_normaliser(weights: Sequence[torch.Tensor], *, mode: str = "tokens",
+                      group: dist.ProcessGroup | None = None, dp_grad_average: bool = False) -> torch.Tensor:
+    """The denominator of one optimiser step's loss: over this rank's micro-batches (``weights``, one per-token
+    weight tensor each) and every rank of the data-parallel ``group`` (None: this process only).
+
+    ``mode="tokens"`` counts tokens of non-zero weight; ``mode="weight"`` sums the weights. Each micro-batch's
+    loss is then ``Σ w·ℓ / normaliser``, and **summing** the gradients over micro-batches and DP ranks gives
+    exactly the gradient of one batch holding all of them. If the DDP wrapper **averages** gradients over DP
+    (Megatron's default without ``calculate_per_token_loss``), pass ``dp_grad_average=True``: the normaliser is
+    then divided by the DP world size to compensate. Call it with the same micro-batch list on every TP rank of
+    a DP replica (their weights are identical). A zero total returns the smallest positive float, so an
+    all-masked step gives a zero loss, not NaN.
+    """
+    if mode not in ("tokens", "weight"):
+        raise ValueError(f"mode must be 'tokens' or 'weight', got {mode!r}")
+    if not weights:
+        raise ValueError("global_normaliser needs at least one micro-batch")
+    total = torch.zeros((), dtype=torch.float64, device=weights[0].device)
+    for w in weights:
+        total = total + ((w != 0).sum() if mode == "tokens" else w.double().sum())
+    world = 1 if group is None else dist.get_world_size(group)
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    if dp_grad_average:
+        total = total / world
+    return total.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vocab-parallel, token-chunked logit losses
+
+
+@dataclass(frozen=True)
+class _VocabShard:
+    vocab: int  # the true vocabulary size
+    start: int  # global id of this rank's first column
+    valid: int  # columns of this shard below the true vocabulary size
+    group: dist.ProcessGroup | None  # None when there is no communication
+
+
+def _vocab_shard(local_vocab: int, vocab_size: int | None, tp_group) -> _VocabShard:
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    rank = 0 if world == 1 else dist.get_rank(tp_group)
+    if vocab_size is None:
+        vocab_size = local_vocab * world
+    if not 0 < vocab_size <= local_vocab * world:
+        raise ValueError(f"vocab_size {vocab_size} outside (0, {local_vocab * world}] for {world} shards of "
+                         f"{local_vocab}")
+    start = rank * local_vocab
+    valid = max(0, min(local_vocab, vocab_size - start))
+    return _VocabShard(vocab_size, start, valid, tp_group if world > 1 else None)
+
+
+def _global_log_softmax(x: torch.Tensor, shard: _VocabShard) -> torch.Tensor:
+    """log-softmax over the whole (sharded) vocabulary of the valid local columns ``x`` [c, valid]."""
+    if x.shape[-1]:
+        m = x.detach().amax(-1)
+    else:
+        m = x.new_full(x.shape[:-1], -math.inf)
+    if shard.group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
+    sum_exp = torch.exp(x - m.unsqueeze(-1)).sum(-1)
+    if shard.group is not None:
+        sum_exp = dist_nn.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=shard.group)
+    return x - (m + torch.log(sum_exp)).unsqueeze(-1)
+
+
+def _chunk_losses(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,
+                  weights: torch.Tensor, specs: tuple[LogitLoss, ...], shard: _VocabShard) -> torch.Tensor:
+    """This shard's part of ``Σ_t w_t ℓ_t`` for each spec, [K], on one token chunk."""
+    cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student[:, :shard.valid].to(cdtype)
+    t = None if teacher is None else teacher[:, :shard.valid].to(cdtype)
+    log_q_at: dict[float, torch.Tensor] = {}
+    log_p_at: dict[float, torch.Tensor] = {}
+    out = []
+    for spec, w in zip(specs, weights):
+        T = spec.temperature
+        if T not in log_q_at:
+            log_q_at[T] = _global_log_softmax(s / T if T != 1.0 else s, shard)
+        log_q = log_q_at[T]
+        if spec.kind == "ce":
+            local = labels - shard.start
+            here = (local >= 0) & (local < shard.valid)
+            if shard.valid:
+                picked = log_q.gather(-1, local.clamp(0, shard.valid - 1).unsqueeze(-1)).squeeze(-1)
+                per_token = torch.where(here, -picked, torch.zeros_like(picked))
+            else:
+                per_token = log_q.new_zeros(log_q.shape[:-1])
+        else:
+            if T not in log_p_at:
+                log_p_at[T] = _global_log_softmax(t / T if T != 1.0 else t, shard)
+            log_p = log_p_at[T]
+            if spec.kind == "forward_kl":
+                terms = torch.exp(log_p) * (log_p - log_q)
+            elif spec.kind == "reverse_kl":
+                terms = torch.exp(log_q) * (log_q - log_p)
+            elif spec.kind == "jsd":
+                b = spec.beta
+                log_m = torch.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
+                terms = b * torch.exp(log_p) * (log_p - log_m) + (1 - b) * torch.exp(log_q) * (log_q - log_m)
+            else:  # tvd
+                terms = 0.5 * (torch.exp(log_p) - torch.exp(log_q)).abs()
+            per_token = terms.sum(-1) * (T * T)
+        out.append((w.to(cdtype) * per_token).sum())
+    return torch.stack(out)
+
+
+class _ChunkedLogitLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, weights, specs, shard, chunk_size):
+        n = student.shape[0]
+        cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        total = torch.zeros(len(specs), dtype=cdtype, device=student.device)
+        for a in range(0, n, chunk_size):
+            b = min(a + chunk_size, n)
+            total += _chunk_losses(student[a:b], None if teacher is None else teacher[a:b],
+                                   None if labels is None else labels[a:b], weights[:, a:b], specs, shard)
+        if shard.group is not None:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=shard.group)
+        ctx.save_for_backward(student, teacher, labels, weights)
+        ctx.specs, ctx.shard, ctx.chunk_size = specs, shard, chunk_size
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        student, teacher, labels, weights = ctx.saved_tensors
+        # Every TP rank holds the same total and backpropagates it: each takes the gradient of its own shard's
+        # partial sum; the differentiable Σexp all-reduce inside adds the other shards' dependence on it.
+        grad = torch.zeros_like(student)
+        for a in range(0, student.shape[0], ctx.chunk_size):
+            b = min(a + ctx.chunk_size, student.shape[0])
+            with torch.enable_grad():
+                s = student[a:b].detach().requires_grad_(True)
+                partial = _chunk_losses(s, None if teacher is None else teacher[a:b],
+                                        None if labels is None else labels[a:b], weights[:, a:b], ctx.specs,
+                                        ctx.shard)
+                (grad[a:b],) = torch.autograd.grad(partial, s, grad_total)
+        return grad, None, None, None, None, None, None
+
+
+def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, losses: Sequence[LogitLoss],
+                 weights: torch.Tensor, *, labels: torch.Tensor | None = None, vocab_size: int | None = None,
+                 tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512) -> torch.Tensor:
+    """``Σ_t w_t · ℓ_t`` for each of ``losses`` in one chunked pass over vocab-parallel logits; returns [K].
+
+    ``student_logits``/``teacher_logits``: ``[..., V_local]`` (the same shape; the teacher is never
+    differentiated and may be None when every component is ``ce``). ``weights``: the logits' leading shape, or
+    ``[K, *leading]`` for a separate weight per component (e.g. different KD and CE masks). ``labels``: the
+    leading shape, needed for ``ce`` (ids below ``vocab_size``, or −100). ``vocab_size``: the true vocabulary
+    size (None: no padding). ``tp_group``: the tensor-parallel group over which the vocabulary is split (None:
+    unsplit). See the module docstring for kinds, T², sharding and memory.
+    """
+    specs = tuple(losses)
+    if not specs:
+        raise ValueError("logit_losses needs at least one LogitLoss")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = student_logits.shape[:-1]
+    local_vocab = student_logits.shape[-1]
+    if teacher_logits is None:
+        if any(s.kind != "ce" for s in specs):
+            raise ValueError("teacher_logits is required for every loss but ce")
+    elif teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
+    if weights.shape == lead:
+        weights = weights.unsqueeze(0).expand(len(specs), *lead)
+    elif weights.shape != (len(specs), *lead):
+        raise ValueError(f"weights {tuple(weights.shape)} must be {tuple(lead)} or {(len(specs), *lead)}")
+    shard = _vocab_shard(local_vocab, vocab_size, tp_group)
+    if any(s.kind == "ce" for s in specs):
+        if labels is None or labels.shape != lead:
+            raise ValueError(f"ce needs labels of shape {tuple(lead)}")
+        if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
+            raise ValueError(f"labels must be −100 or ids in [0, {shard.vocab})")
+        labels = labels.reshape(-1)
+    else:
+        labels = None
+    return _ChunkedLogitLosses.apply(
+        student_logits.reshape(-1, local_vocab),
+        None if teacher_logits is None else teacher_logits.detach().reshape(-1, local_vocab),
+        labels, weights.detach().reshape(len(specs), -1), specs, shard, chunk_size)
+
+
+def logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, kind: str, weights: torch.Tensor,
+               *, temperature: float = 1.0, beta: float = 0.5, labels: torch.Tensor | None = None,
+               vocab_size: int | None = None, tp_group: dist.ProcessGroup | None = None,
+               chunk_size: int = 512) -> torch.Tensor:
+    """One component of :func:`logit_losses`: the scalar ``Σ_t w_t · ℓ_t``."""
+    return logit_losses(student_logits, teacher_logits, [LogitLoss(kind, temperature, beta)], weights,
+                        labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hidden-state and attention alignment
+
+
+def _alignment_per_token(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind not in ALIGNMENT_KINDS:
+        raise ValueError(f"unknown alignment loss {kind!r}; expected one of {ALIGNMENT_KINDS}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s, t = student.to(cdtype), teacher.detach().to(cdtype)
+    if kind == "mse":
+        return (s - t).pow(2).mean(-1)
+    return 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)
+
+
+def hidden_state_loss(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor,
+                      kind: str = "cosine") -> torch.Tensor:
+    """Residual-stream alignment over a layer map, averaged over the pairs: ``(1/L) Σ_pairs Σ_t w_t ℓ_t``.
+
+    ``pairs``: ``(student_hidden, teacher_hidden)``, each ``[..., H]`` (full hidden width; project the student
+    first if widths differ). ``weights``: the leading shape (a token mask, or float weights). ``kind``:
+    ``cosine`` (ℓ = 1 − cos(s, t)) or ``mse`` (ℓ = mean over H of (s − t)², so a token-count normaliser gives
+    DistillKit's squared error / (tokens × hidden)). The teacher side is detached.
+    """
+    if not pairs:
+        raise ValueError("hidden_state_loss needs at least one (student, teacher) pair")
+    total = 0.0
+    for student, teacher in pairs:
+        if weights.shape != student.shape[:-1]:
+            raise ValueError(f"weights {tuple(weights.shape)} do not match hidden {tuple(student.shape)}")
+        per_token = _alignment_per_token(student, teacher, kind)
+        total = total + (weights.to(per_token.dtype) * per_token).sum()
+    return total / len(pairs)
+
+
+def attention_alignment_loss(student_attention: Callable[[torch.Tensor], torch.Tensor], layer_input: torch.Tensor,
+                             teacher_output: torch.Tensor, weights: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """RADLADS-style teacher-forced attention alignment for one layer: ``Σ_t w_t ℓ_t`` between
+    ``student_attention(layer_input)`` and ``teacher_output``.
+
+    ``layer_input`` is the teacher's input to this layer's attention (after its input norm) and
+    ``teacher_output`` the teacher attention's output on it; both are detached, so only the student attention
+    module receives gradients (no error flows between layers and all layers train at once). ``kind``: ``mse``
+    (RADLADS) or ``cosine``, per token as in :func:`hidden_state_loss`.
+    """
+    student_output = student_attention(layer_input.detach())
+    if weights.shape != student_output.shape[:-1]:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match output {tuple(student_output.shape)}")
+    per_token = _alignment_per_token(student_output, teacher_output, kind)
+    return (weights.to(per_token.dtype) * per_token).sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NaN / Inf guard
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component is NaN or ±Inf; ``component``, ``step`` and ``value`` say which, when and what."""
+
+    def __init__(self, component: str, step: int, value: float):
+        super().__init__(f"loss component {component!r} is {value} at step {step}")
+        self.component, self.step, self.value = component, step, value
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first non-finite component of ``losses`` (scalars)."""
+    if not losses:
+        return
+    values = torch.stack([v.detach().reshape(()).double() for v in losses.values()]).cpu()
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    i = int((~finite).nonzero()[0])
+    raise NonFiniteLossError(list(losses)[i], step, float(values[i]))
