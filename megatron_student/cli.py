@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("megatron_student.student.generate", "Harmony chat generation with an HF student or teacher"),
     "prepare-data": ("megatron_student.data.prepare", "render, mask, pack and store Harmony training data"),
     "check-format": ("megatron_student.data.check_format", "check Harmony format compliance of token streams"),
+    "convert-hf-to-megatron": ("megatron_student.convert.hf_to_megatron",
+                               "HF gpt-oss teacher or HF student → Megatron torch_dist checkpoint"),
+    "convert-megatron-to-hf": ("megatron_student.convert.megatron_to_hf",
+                               "Megatron student checkpoint (any TP/EP) → HF bf16 bundle"),
 }
 
 

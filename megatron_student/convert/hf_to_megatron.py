@@ -1,0 +1,208 @@
+"""`megatron-student convert-hf-to-megatron`: an HF gpt-oss teacher (bf16 or MXFP4 experts) or an HF student
+(from ``init-student``) → a Megatron-Core ``torch_dist`` checkpoint.
+
+The checkpoint is written by one process at TP = EP = 1: dist checkpoints store every tensor in its global shape
+and reshard on load, so one file set serves any TP/EP. The only layout-dependent quantity is the padded vocabulary
+(Megatron pads to a multiple of 128·TP), so the embedding and output layer are padded for ``--tp`` and the
+checkpoint loads at every TP whose padding agrees (padded_vocab_size equal). ``--tp``/``--ep`` are also
+checked against the head and expert counts. The layout goes with a metadata record in the common state
+(``METADATA_KEY``: role, HF config, source, stage, tokens seen, layout, dtype) that the HF export reads back.
+
+Tensor mapping: ``megatron.weights.hf_to_megatron_state_dict`` fed by a lazy reader (one HF tensor, or one
+layer's expert tensors, in memory at a time). Output: Megatron-LM's layout ``<out>/release/`` +
+``latest_checkpointed_iteration.txt``, written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from ..megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
+from ..megatron import restore_fp32_parameters
+from ..student.config import StudentConfig
+from ..student.modeling import StudentForCausalLM
+from ..teacher import TeacherCheckpoint
+from ..teacher.checkpoint import _stored_tensor_files
+from ..teacher.config import CONFIG_NAME
+from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+VOCAB_DIVISIBLE_BY = 128  # ParallelConfig.make_vocab_size_divisible_by
+MODEL_TYPES = {"teacher": "gpt_oss", "student": StudentConfig.model_type}
+
+
+class StudentCheckpoint:
+    """Lazy per-tensor reader of an HF student directory (safetensors, single or sharded)."""
+
+    def __init__(self, directory: Path, config_dict: dict):
+        self.directory = directory
+        self.config = StudentConfig.from_dict(config_dict)
+        self._files = _stored_tensor_files(directory)
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+class LazyState(Mapping):
+    """Mapping view of a checkpoint reader for ``hf_to_megatron_state_dict``; keeps the last few tensors (a layer's
+    four expert tensors are indexed once per expert)."""
+
+    def __init__(self, reader, keep: int = 4):
+        self.reader, self.keep = reader, keep
+        self._names = set(reader.tensor_names())
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(f"{self.reader.directory}: missing tensor '{name}'")
+        if name not in self._cache:
+            self._cache[name] = self.reader.get(name)
+            if len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(name)
+        return self._cache[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_hf_checkpoint(directory: str | Path, role: str):
+    """(reader, HF config, config dict) after checking model_type, quantisation and every tensor name and shape
+    against the model the config describes."""
+    directory = Path(directory)
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json")
+    config_dict = json.loads(config_file.read_text())
+    model_type = config_dict.get("model_type")
+    if model_type != MODEL_TYPES[role]:
+        raise ConversionError(f"{config_file}: field 'model_type' is {model_type!r}; --role {role} needs "
+                              f"{MODEL_TYPES[role]!r}")
+    if role == "teacher":
+        reader = TeacherCheckpoint(directory)  # validates the config, including the quantisation method
+        config = transformers.GptOssConfig.from_dict({k: v for k, v in config_dict.items() if k != "quantization_config"})
+        model_class = transformers.GptOssForCausalLM
+    else:
+        quant = config_dict.get("quantization_config")
+        if quant is not None:
+            raise ConversionError(f"{config_file}: field 'quantization_config' ({quant!r}) is an unknown quantisation "
+                                  "for a student; students are stored unquantised")
+        reader = StudentCheckpoint(directory, config_dict)
+        config = reader.config
+        model_class = StudentForCausalLM
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in model_class(config).state_dict().items()}
+    stored = set(reader.tensor_names())
+    for name in sorted(set(expected) - stored):
+        raise ConversionError(f"{directory}: missing tensor '{name}' (shape {expected[name]})")
+    for name in sorted(stored - set(expected)):
+        raise ConversionError(f"{directory}: unexpected tensor '{name}'")
+    for name, shape in expected.items():
+        if reader.shape(name) != shape:
+            raise ConversionError(f"{directory}: tensor '{name}' has shape {reader.shape(name)}, the {role} "
+                                  f"config needs {shape}")
+    return reader, config, config_dict
+
+
+def check_layout(config, tp: int, ep: int) -> None:
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(config, field) % tp:
+            raise ConversionError(f"--tp {tp}: config field '{field}' ({getattr(config, field)}) is not divisible by it")
+    if config.num_local_experts % ep:
+        raise ConversionError(f"--ep {ep}: config field 'num_local_experts' ({config.num_local_experts}) is not "
+                              "divisible by it")
+
+
+def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str, tp: int = 1, ep: int = 1,
+                           dtype: str = "bf16", force: bool = False) -> dict:
+    """Write the Megatron checkpoint; returns its metadata record plus ``bytes`` and ``seconds``."""
+    from megatron.core import dist_checkpointing
+
+    if role not in MODEL_TYPES:
+        raise ConversionError(f"--role {role!r}: choose one of {sorted(MODEL_TYPES)}")
+    if tp < 1 or ep < 1:
+        raise ConversionError(f"--tp {tp} / --ep {ep}: parallel sizes must be positive")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not force:
+        raise FileExistsError(f"{output_dir}: already exists; pass --force to replace it")
+    start = time.perf_counter()
+    reader, config, config_dict = open_hf_checkpoint(hf_dir, role)
+    check_layout(config, tp, ep)
+    metadata = {
+        "format_version": FORMAT_VERSION, "role": role, "hf_config": config_dict, "source": str(Path(hf_dir).resolve()),
+        "stage": "converted from HF", "tokens_seen": 0, "dtype": dtype,
+        "layout": {"written_tp": 1, "written_ep": 1, "target_tp": tp, "target_ep": ep,
+                   "make_vocab_size_divisible_by": VOCAB_DIVISIBLE_BY},
+    }
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        with single_process_group():
+            parallel = ParallelConfig(params_dtype=DTYPES[dtype], make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY * tp)
+            initialize_parallel(parallel)
+            model = build_student(config, parallel) if role == "student" else build_teacher(config, parallel)
+            restore_fp32_parameters(model)  # router and KDA decay parameters stay fp32, as in training
+            load_hf_weights(model, LazyState(reader))
+            nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+            sharded = model.sharded_state_dict()
+            sharded[METADATA_KEY] = metadata
+            (tmp / RELEASE_NAME).mkdir()
+            dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME))
+            del model, sharded
+        (tmp / TRACKER_NAME).write_text(RELEASE_NAME + "\n")
+        tmp.chmod(0o755)  # mkdtemp creates it 0700
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            output_dir.rename(old / output_dir.name)
+            tmp.rename(output_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**metadata, "bytes": nbytes, "seconds": time.perf_counter() - start}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf", required=True, help="HF checkpoint dir: gpt-oss (teacher) or init-student output")
+    parser.add_argument("--output", required=True, help="Megatron checkpoint dir to create (release/ + tracker)")
+    parser.add_argument("--role", required=True, choices=sorted(MODEL_TYPES))
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size it will be loaded at (vocab padding)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size it will be loaded at (checked)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="parameter dtype (router and KDA A_log/dt_bias stay fp32)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = convert_hf_to_megatron(args.hf, args.output, args.role, args.tp, args.ep, args.dtype, args.force)
+    mb = result["bytes"] / 2**20
+    print(f"wrote {args.role} Megatron checkpoint {args.output} ({mb:.1f} MiB in {result['seconds']:.1f}s, "
+          f"{mb / result['seconds']:.1f} MB/s); vocabulary padded for TP={args.tp}")
+    return 0

@@ -1,0 +1,201 @@
+"""`megatron-student convert-megatron-to-hf`: a Megatron student checkpoint (torch_dist, saved at any TP/EP) →
+an HF BF16 bundle that loads with ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)``.
+
+Streaming: the checkpoint's tensors are global (dist checkpoints store global shapes whatever TP/EP wrote them),
+so each HF tensor is read on its own from the DCP files (``torch.distributed.checkpoint.load`` of one key, no
+process group), converted and handed to ``hf_io.StreamingCheckpointWriter``. Peak memory: the largest single
+tensor (a layer's stacked expert fc1, [E, 2I, H]) in the checkpoint dtype plus its bf16 HF copy, plus one pending
+HF shard (``--max-shard-mb``).
+
+Mapping (the inverse of ``megatron.weights``; Megatron global keys):
+
+| Megatron | HF | rule |
+|---|---|---|
+| ``embedding.word_embeddings.weight`` / ``output_layer.weight`` | ``model.embed_tokens.weight`` / ``lm_head.weight`` | drop the vocabulary padding |
+| ``decoder.final_layernorm.weight`` | ``model.norm.weight`` | copy |
+| ``decoder.layers.N.input_layernorm.weight`` / ``pre_mlp_layernorm.weight`` | ``…input_layernorm.weight`` / ``post_attention_layernorm.weight`` | copy |
+| ``decoder.layers.N.self_attention.<p>`` | ``model.layers.N.self_attn.<p>`` | reshape to the HF shape |
+| ``decoder.layers.N.mlp.router.{weight,bias}`` | same under ``model.layers.N`` | copy |
+| ``…mlp.experts.experts.linear_fc1.weight`` [E, 2I, H] / ``.bias`` [E, 2I] | ``mlp.experts.gate_up_proj`` [E, H, 2I] / ``_bias`` | re-interleave [gate; up] → gate even, up odd; transpose the weight |
+| ``…mlp.experts.experts.linear_fc2.weight`` [E, H, I] / ``.bias`` | ``mlp.experts.down_proj`` [E, I, H] / ``_bias`` | transpose the weight |
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from ..hf_io import StreamingCheckpointWriter
+from ..student.config import StudentConfig
+from ..student.modeling import AUTO_MAP, HARMONY_STOP_TOKEN_IDS, SHIM_FILES, StudentForCausalLM
+from ..student.surgery import FP32_PARAMETERS
+from .common import METADATA_KEY, ConversionError, resolve_megatron_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+class MegatronCheckpoint:
+    """One torch_dist checkpoint directory: global tensor metadata, the converter's metadata record, and
+    single-tensor reads."""
+
+    def __init__(self, path: str | Path):
+        self.directory = resolve_megatron_dir(path)
+        backend = json.loads((self.directory / "metadata.json").read_text()).get("sharded_backend")
+        if backend != "torch_dist":
+            raise ConversionError(f"{self.directory}/metadata.json: sharded_backend is {backend!r}, expected 'torch_dist'")
+        self.tensors = {k: v for k, v in FileSystemReader(str(self.directory)).read_metadata().state_dict_metadata.items()
+                        if hasattr(v, "size") and "_extra_state" not in k}
+        common = torch.load(self.directory / "common.pt", map_location="cpu", weights_only=False)
+        if METADATA_KEY not in common:
+            raise ConversionError(f"{self.directory}/common.pt: no '{METADATA_KEY}' record (role, HF config, layout); "
+                                  "save checkpoints with it (convert-hf-to-megatron writes it)")
+        self.metadata = common[METADATA_KEY]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def get(self, key: str) -> torch.Tensor:
+        meta = self.tensors[key]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
+        return tensor
+
+
+def interleave_gate_up(stacked: torch.Tensor, dim: int) -> torch.Tensor:
+    """Megatron [gate; up] along ``dim`` → HF interleaved (gate even, up odd); inverse of
+    ``megatron.weights.deinterleave_gate_up``."""
+    gate, up = stacked.chunk(2, dim=dim)
+    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def megatron_source(hf_name: str, hf_shape: tuple[int, ...]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The Megatron global key holding ``hf_name`` and the function turning that tensor into the HF one."""
+    vocab = hf_shape[0]
+    direct = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
+    if hf_name in direct:
+        return direct[hf_name], lambda t: t[:vocab]
+    if hf_name == "model.norm.weight":
+        return "decoder.final_layernorm.weight", lambda t: t
+    parts = hf_name.split(".")
+    if parts[:2] != ["model", "layers"] or len(parts) < 5:
+        raise ConversionError(f"no Megatron source for HF tensor '{hf_name}'")
+    layer, rest = f"decoder.layers.{parts[2]}.", ".".join(parts[3:])
+    experts = layer + "mlp.experts.experts."
+    rules = {
+        "input_layernorm.weight": (layer + "input_layernorm.weight", lambda t: t),
+        "post_attention_layernorm.weight": (layer + "pre_mlp_layernorm.weight", lambda t: t),
+        "mlp.router.weight": (layer + "mlp.router.weight", lambda t: t),
+        "mlp.router.bias": (layer + "mlp.router.bias", lambda t: t),
+        "mlp.experts.gate_up_proj": (experts + "linear_fc1.weight", lambda t: interleave_gate_up(t, 1).transpose(1, 2)),
+        "mlp.experts.gate_up_proj_bias": (experts + "linear_fc1.bias", lambda t: interleave_gate_up(t, 1)),
+        "mlp.experts.down_proj": (experts + "linear_fc2.weight", lambda t: t.transpose(1, 2)),
+        "mlp.experts.down_proj_bias": (experts + "linear_fc2.bias", lambda t: t),
+    }
+    if rest in rules:
+        return rules[rest]
+    if rest.startswith("self_attn."):
+        return layer + "self_attention." + rest[len("self_attn."):], lambda t: t.reshape(hf_shape)
+    raise ConversionError(f"no Megatron source for HF tensor '{hf_name}'")
+
+
+def model_card(config: StudentConfig, metadata: dict, source: Path) -> str:
+    kinds = config.attention_kinds
+    counts = ", ".join(f"{kinds.count(k)} × {k}" for k in dict.fromkeys(kinds))
+    return "\n".join([
+        "# gpt-oss student", "",
+        "A distilled student of gpt-oss with an attention plan (SWA+TPA / KDA / softmax per layer), exported from "
+        "a Megatron-Core checkpoint by `megatron-student convert-megatron-to-hf`.", "",
+        f"- Source teacher: {config.teacher_name_or_path or 'unknown'}",
+        f"- Stage: {metadata.get('stage', 'unknown')}",
+        f"- Tokens seen: {metadata.get('tokens_seen', 'unknown')}",
+        f"- Megatron checkpoint: {source}",
+        f"- Layers: {config.num_hidden_layers} ({counts}); per layer: {kinds}",
+        f"- Plan: `{json.dumps(config.plan, sort_keys=True)}`", "",
+        "Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` (needs the `megatron_student` "
+        "package installed). Weights are bf16 except the KDA decay parameters A_log / dt_bias (fp32).", "",
+    ])
+
+
+def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, teacher_dir: str | Path | None = None,
+                           force: bool = False, max_shard_bytes: int = 5 * 1024**3) -> dict:
+    """Write the HF bundle; returns ``{"bytes": written tensor bytes, "seconds": ...}``."""
+    start = time.perf_counter()
+    ckpt = MegatronCheckpoint(megatron_dir)
+    meta = ckpt.metadata
+    if meta.get("role") != "student":
+        raise ConversionError(f"{ckpt.directory}: a {meta.get('role')!r} checkpoint; only student checkpoints export "
+                              "to an HF student bundle")
+    model_type = meta["hf_config"].get("model_type")
+    if model_type != StudentConfig.model_type:
+        raise ConversionError(f"{ckpt.directory}: recorded HF config has model_type {model_type!r}, expected "
+                              f"{StudentConfig.model_type!r}")
+    config = StudentConfig.from_dict(meta["hf_config"])
+    config.auto_map = dict(AUTO_MAP)
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in StudentForCausalLM(config).state_dict().items()}
+    sources = {name: megatron_source(name, shape) for name, shape in expected.items()}
+    unexpected = sorted(set(ckpt.tensors) - {key for key, _ in sources.values()})
+    if unexpected:
+        raise ConversionError(f"{ckpt.directory}: unexpected Megatron tensor '{unexpected[0]}'"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for name, (key, _) in sources.items():
+        if key not in ckpt.tensors:
+            raise ConversionError(f"{ckpt.directory}: missing Megatron tensor '{key}' (for HF '{name}')")
+    with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
+        for name, (key, convert) in sources.items():
+            megatron = ckpt.get(key)
+            try:
+                tensor = convert(megatron)
+            except RuntimeError as e:  # reshape of a wrong element count
+                raise ConversionError(f"{ckpt.directory}: Megatron tensor '{key}' {tuple(megatron.shape)} does not "
+                                      f"fit HF '{name}' {expected[name]}: {e}") from e
+            if tuple(tensor.shape) != expected[name]:
+                raise ConversionError(f"{ckpt.directory}: Megatron tensor '{key}' {tuple(megatron.shape)} gives HF "
+                                      f"'{name}' shape {tuple(tensor.shape)}, the config needs {expected[name]}")
+            dtype = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else torch.bfloat16
+            writer.add(name, tensor.to(dtype))
+            del megatron, tensor
+        config.save_pretrained(writer.directory)
+        writer.write_json("generation_config.json", {
+            "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+            "eos_token_id": HARMONY_STOP_TOKEN_IDS, "do_sample": False,
+        })
+        for name, text in SHIM_FILES.items():
+            writer.write_text(name, text)
+        writer.write_text("README.md", model_card(config, meta, ckpt.directory))
+        if teacher_dir is not None:
+            copied = [f for f in TOKENIZER_FILES if (Path(teacher_dir) / f).is_file()]
+            if not copied:
+                raise FileNotFoundError(f"{teacher_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+            for f in copied:
+                shutil.copyfile(Path(teacher_dir) / f, writer.directory / f)
+        total = writer.total_bytes
+    return {"bytes": total, "seconds": time.perf_counter() - start}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--megatron", required=True, help="Megatron checkpoint: torch_dist dir or a save dir with "
+                                                          "latest_checkpointed_iteration.txt")
+    parser.add_argument("--output", required=True, help="HF bundle directory to create")
+    parser.add_argument("--teacher-dir", help="gpt-oss HF dir whose tokenizer files are copied into the bundle")
+    parser.add_argument("--max-shard-mb", type=int, default=5120, help="safetensors shard size")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = convert_megatron_to_hf(args.megatron, args.output, args.teacher_dir, args.force,
+                                    args.max_shard_mb * 2**20)
+    mb = result["bytes"] / 2**20
+    print(f"wrote HF student bundle {args.output} ({mb:.1f} MiB bf16 in {result['seconds']:.1f}s, "
+          f"{mb / result['seconds']:.1f} MB/s)")
+    return 0
