@@ -41,8 +41,10 @@ def spawn(fn, world_size: int, *args) -> list:
 
 def tp_logit_losses(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
     """Each case holds full-vocabulary ``student``/``teacher`` logits; this rank keeps its column shard and
-    returns the chunked vocab-parallel losses and the gradient of their sum for its shard."""
+    returns the chunked vocab-parallel losses and the gradient of their sum for its shard, and the losses over
+    the whole vocabulary with a TP group of one (this rank alone)."""
     group = dist.new_group(list(range(world_size)))
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
     out = []
     for case in cases:
         local = case["student"].shape[-1] // world_size
@@ -52,7 +54,9 @@ def tp_logit_losses(rank: int, world_size: int, cases: list[dict]) -> list[dict]
         values = logit_losses(student, case["teacher"][:, cols], specs, case["weights"], labels=case["labels"],
                               vocab_size=case["vocab_size"], tp_group=group, chunk_size=case["chunk_size"])
         (grad,) = torch.autograd.grad(values.sum(), student)
-        out.append({"values": values.detach(), "grad": grad})
+        unsplit = logit_losses(case["student"], case["teacher"], specs, case["weights"], labels=case["labels"],
+                               vocab_size=case["vocab_size"], tp_group=alone, chunk_size=case["chunk_size"])
+        out.append({"values": values.detach(), "grad": grad, "unsplit": unsplit})
     return out
 
 

@@ -186,8 +186,9 @@ def test_vocab_parallel_tp2_equals_dense():
                                             labels=case["labels"], vocab_size=case["vocab_size"])
                             for s in case["specs"]])
         (g_ref,) = torch.autograd.grad(refs.sum(), ref_in)
-        for r in range(2):  # every TP rank holds the full loss
+        for r in range(2):  # every TP rank holds the full loss; a group of one is the unsplit computation
             assert torch.allclose(results[r][i]["values"], refs.detach(), rtol=1e-10, atol=0)
+            assert torch.allclose(results[r][i]["unsplit"], refs.detach(), rtol=1e-10, atol=0)
         g_tp = torch.cat([results[0][i]["grad"], results[1][i]["grad"]], dim=-1)
         assert rel(g_tp, g_ref) < 1e-6
 
