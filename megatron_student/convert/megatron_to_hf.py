@@ -188,13 +188,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "latest_checkpointed_iteration.txt")
     parser.add_argument("--output", required=True, help="HF bundle directory to create")
     parser.add_argument("--teacher-dir", help="gpt-oss HF dir whose tokenizer files are copied into the bundle")
-    parser.add_argument("--max-shard-mb", type=int, default=5120, help="safetensors shard size")
+    parser.add_argument("--max-shard-mb", type=float, default=5120, help="safetensors shard size")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def run(args: argparse.Namespace) -> int:
     result = convert_megatron_to_hf(args.megatron, args.output, args.teacher_dir, args.force,
-                                    args.max_shard_mb * 2**20)
+                                    int(args.max_shard_mb * 2**20))
     mb = result["bytes"] / 2**20
     print(f"wrote HF student bundle {args.output} ({mb:.1f} MiB bf16 in {result['seconds']:.1f}s, "
           f"{mb / result['seconds']:.1f} MB/s)")
