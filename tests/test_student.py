@@ -126,6 +126,16 @@ def test_cached_decoding_matches_full_forward(tmp_path, teacher_dir):
 
 
 @torch.no_grad()
+def test_inconsistent_position_ids_are_refused(tmp_path, teacher_dir):
+    out, _ = init_student(teacher_dir, tmp_path / "s")
+    student = load_student(out)
+    ids = tokens(5, 8)
+    student(ids, position_ids=torch.arange(8)[None])  # the implied positions are accepted
+    with pytest.raises(ValueError, match="position_ids"):
+        student(ids, position_ids=torch.arange(8)[None] + 3)
+
+
+@torch.no_grad()
 def test_save_pretrained_reload_and_bf16(tmp_path, teacher_dir):
     out, _ = init_student(teacher_dir, tmp_path / "s")
     student = load_student(out)

@@ -430,6 +430,13 @@ class StudentForCausalLM(StudentPreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported (attention_mask has zeros); pack documents with "
                              "cu_seqlens or generate one prompt at a time")
+        if position_ids is not None:
+            start = cache.seen_tokens if cache is not None else 0
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            expected = torch.arange(start, start + length, device=position_ids.device)
+            if cu_seqlens is not None or not bool((position_ids == expected).all()):
+                raise ValueError("position_ids must be the consecutive positions after the cache; packed "
+                                 "documents restart their positions through cu_seqlens instead")
         hidden, cache, all_hidden, routers = self.model(
             input_ids, inputs_embeds, cu_seqlens, cache, bool(use_cache), output_hidden_states)
         if logits_to_keep:
