@@ -189,3 +189,14 @@ def test_refuses_non_gpt_oss_teacher(tmp_path, teacher_dir):
     with pytest.raises(Exception, match="model_type"):
         init_student(bad, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_mxfp4_teacher_experts_are_copied_dequantised(tmp_path):
+    teacher = make_tiny_teacher(tmp_path / "mx", mxfp4=True, hidden=64, intermediate=64, layers=2, seed=5)
+    out, records = init_student(teacher, tmp_path / "s")
+    student = load_student(out, dtype=torch.bfloat16)
+    reader = TeacherCheckpoint(teacher)
+    assert reader.quantization == "mxfp4"
+    for name in ("gate_up_proj", "down_proj"):
+        full = f"model.layers.1.mlp.experts.{name}"
+        assert torch.equal(student.state_dict()[full], reader.get(full))
