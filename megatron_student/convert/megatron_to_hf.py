@@ -2,10 +2,10 @@
 an HF BF16 bundle that loads with ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)``.
 
 Streaming: the checkpoint's tensors are global (dist checkpoints store global shapes whatever TP/EP wrote them),
-so each HF tensor is read on its own from the DCP files (``torch.distributed.checkpoint.load`` of one key, no
-process group), converted and handed to ``hf_io.StreamingCheckpointWriter``. Peak memory: the largest single
-tensor (a layer's stacked expert fc1, [E, 2I, H]) in the checkpoint dtype plus its bf16 HF copy, plus one pending
-HF shard (``--max-shard-mb``).
+so the tensors of one decoder layer (or the embedding / output layer alone) are read together from the DCP files
+(``torch.distributed.checkpoint.load`` of those keys, no process group), converted and handed to
+``hf_io.StreamingCheckpointWriter``. Peak memory: one layer in the checkpoint dtype (or the embedding) plus the bf16
+copy of its largest tensor (a layer's stacked experts, [E, 2I, H]), plus one pending HF shard (``--max-shard-mb``).
 
 Mapping (the inverse of ``megatron.weights``; Megatron global keys):
 
@@ -27,6 +27,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -63,11 +64,14 @@ class MegatronCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
 
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Global tensors for ``keys`` in one DCP read (no process group)."""
+        out = {k: torch.empty(self.tensors[k].size, dtype=self.tensors[k].properties.dtype) for k in keys}
+        dcp.load(out, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
+        return out
+
     def get(self, key: str) -> torch.Tensor:
-        meta = self.tensors[key]
-        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
-        return tensor
+        return self.get_many([key])[key]
 
 
 def interleave_gate_up(stacked: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,6 +109,12 @@ def megatron_source(hf_name: str, hf_shape: tuple[int, ...]) -> tuple[str, Calla
     if rest.startswith("self_attn."):
         return layer + "self_attention." + rest[len("self_attn."):], lambda t: t.reshape(hf_shape)
     raise ConversionError(f"no Megatron source for HF tensor '{hf_name}'")
+
+
+def layer_of(hf_name: str) -> str:
+    """The streaming unit of an HF tensor: its decoder layer, or the tensor itself outside the layers."""
+    parts = hf_name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else hf_name
 
 
 def model_card(config: StudentConfig, metadata: dict, source: Path) -> str:
@@ -152,19 +162,22 @@ def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, tea
         if key not in ckpt.tensors:
             raise ConversionError(f"{ckpt.directory}: missing Megatron tensor '{key}' (for HF '{name}')")
     with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
-        for name, (key, convert) in sources.items():
-            megatron = ckpt.get(key)
-            try:
-                tensor = convert(megatron)
-            except RuntimeError as e:  # reshape of a wrong element count
-                raise ConversionError(f"{ckpt.directory}: Megatron tensor '{key}' {tuple(megatron.shape)} does not "
-                                      f"fit HF '{name}' {expected[name]}: {e}") from e
-            if tuple(tensor.shape) != expected[name]:
-                raise ConversionError(f"{ckpt.directory}: Megatron tensor '{key}' {tuple(megatron.shape)} gives HF "
-                                      f"'{name}' shape {tuple(tensor.shape)}, the config needs {expected[name]}")
-            dtype = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else torch.bfloat16
-            writer.add(name, tensor.to(dtype))
-            del megatron, tensor
+        for group in groupby(sources.items(), key=lambda item: layer_of(item[0])):  # one layer per DCP read
+            items = list(group[1])
+            tensors = ckpt.get_many([key for _, (key, _) in items])
+            for name, (key, convert) in items:
+                megatron = tensors.pop(key)
+                try:
+                    tensor = convert(megatron)
+                except RuntimeError as e:  # reshape of a wrong element count
+                    raise ConversionError(f"{ckpt.directory}: Megatron tensor '{key}' {tuple(megatron.shape)} does "
+                                          f"not fit HF '{name}' {expected[name]}: {e}") from e
+                if tuple(tensor.shape) != expected[name]:
+                    raise ConversionError(f"{ckpt.directory}: Megatron tensor '{key}' {tuple(megatron.shape)} gives "
+                                          f"HF '{name}' shape {tuple(tensor.shape)}, the config needs {expected[name]}")
+                dtype = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else torch.bfloat16
+                writer.add(name, tensor.to(dtype))
+                del megatron, tensor
         config.save_pretrained(writer.directory)
         writer.write_json("generation_config.json", {
             "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
