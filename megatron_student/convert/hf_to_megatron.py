@@ -33,7 +33,7 @@ from ..megatron import restore_fp32_parameters
 from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM
 from ..teacher import TeacherCheckpoint
-from ..teacher.checkpoint import _stored_tensor_files
+from ..teacher.checkpoint import stored_tensor_files
 from ..teacher.config import CONFIG_NAME
 from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
 
@@ -48,7 +48,7 @@ class StudentCheckpoint:
     def __init__(self, directory: Path, config_dict: dict):
         self.directory = directory
         self.config = StudentConfig.from_dict(config_dict)
-        self._files = _stored_tensor_files(directory)
+        self._files = stored_tensor_files(directory)
 
     def tensor_names(self) -> list[str]:
         return sorted(self._files)

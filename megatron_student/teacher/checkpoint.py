@@ -32,7 +32,7 @@ class TeacherCheckpointError(ValueError):
     """A checkpoint whose tensors or files do not match what a gpt-oss model needs."""
 
 
-def _stored_tensor_files(directory: Path) -> dict[str, Path]:
+def stored_tensor_files(directory: Path) -> dict[str, Path]:
     """Stored tensor name -> safetensors file, checking that the index and its shards agree."""
     single, index = directory / SAFETENSORS_NAME, directory / SAFETENSORS_INDEX_NAME
     if single.is_file() and index.is_file():
@@ -70,7 +70,7 @@ class TeacherCheckpoint:
         self.config: transformers.GptOssConfig = transformers.GptOssConfig.from_dict(self.config_dict)
         quant = self.config_dict.get("quantization_config")
         self.quantization: str | None = quant["quant_method"] if quant else None
-        self._files = _stored_tensor_files(self.directory)
+        self._files = stored_tensor_files(self.directory)
         self._packed: dict[str, tuple[str, str]] = {}  # logical name -> (blocks name, scales name)
         self._plain: list[str] = []
         for name in self._files:
