@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                "HF gpt-oss teacher or HF student → Megatron torch_dist checkpoint"),
     "convert-megatron-to-hf": ("megatron_student.convert.megatron_to_hf",
                                "Megatron student checkpoint (any TP/EP) → HF bf16 bundle"),
+    "train": ("megatron_student.train.cli", "run a distillation stage"),
 }
 
 

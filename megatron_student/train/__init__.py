@@ -1,0 +1,7 @@
+"""Distillation training on Megatron-Core: the stage config schema (``config``), the trainer (``trainer``) and
+the ``megatron-student train`` command (``cli``)."""
+
+from .config import ConfigError, TrainConfig, config_from_dict, load_config
+from .trainer import Trainer, TrainingStopped, train
+
+__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainingStopped", "config_from_dict", "load_config", "train"]

@@ -1,0 +1,458 @@
+"""Training-stage configuration: dataclasses loaded from YAML with strict validation.
+
+``load_config(path, overrides)`` reads a stage YAML, applies ``key.path=value`` overrides (values parsed as YAML
+scalars/lists), and returns a :class:`TrainConfig`. Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the file and the dotted key path. ``TrainConfig.resolved()`` is the complete
+plain-dict form (every default filled in) written next to each checkpoint as ``config.yaml``.
+
+Relative paths in the YAML are kept as written (they resolve against the working directory of the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ..ops.losses import ALIGNMENT_KINDS, LOGIT_LOSS_KINDS, LogitLoss
+
+
+class ConfigError(ValueError):
+    """An invalid training config; the message names the file and the key path."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class StudentSection:
+    """Where the student's weights come from: exactly one of ``hf`` (an ``init-student`` output directory) or
+    ``megatron`` (a Megatron torch_dist checkpoint: ``convert-hf-to-megatron --role student`` output, or a previous
+    stage's checkpoint dir, whose latest iteration is used)."""
+
+    hf: str | None = None
+    megatron: str | None = None
+
+
+@dataclass
+class TeacherSection:
+    """The online teacher, co-located on the student's ranks with the same TP/EP, run under no_grad.
+    ``path``: an HF gpt-oss directory or a converted Megatron teacher checkpoint (auto-detected).
+    ``dtype``: auto = bf16 on GPU, fp32 on CPU."""
+
+    path: str = ""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+@dataclass
+class DataSection:
+    """``path``: a ``prepare-data`` output (train/ and valid/ splits); ``seq_len`` must equal the prepared
+    length. ``global_batch`` = micro_batch × data-parallel size × gradient-accumulation steps."""
+
+    path: str = ""
+    seq_len: int = 2048
+    micro_batch: int = 1
+    global_batch: int = 1
+    shuffle: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    ep: int = 1
+    dispatcher: Literal["allgather", "alltoall"] = "allgather"
+    attention_backend: str = "auto"
+
+
+@dataclass
+class ParamGroup:
+    """Parameters whose name matches ``pattern`` (``re.search`` on Megatron names such as
+    ``decoder.layers.3.self_attention.q_proj.weight``; first matching group wins) train at ``lr × lr_scale``,
+    with ``weight_decay`` when given (else the optimizer's)."""
+
+    pattern: str = ""
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW. ``freeze``: regexes (``re.search``) of parameters that do not train (excluded from DDP and the
+    optimizer). ``grad_clip``: global gradient-norm clip (0 disables)."""
+
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    param_groups: list[ParamGroup] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScheduleSection:
+    """Linear warmup from 0 to ``optimizer.lr`` over ``warmup_steps``, then ``decay`` to ``min_lr`` at the
+    last step (``constant`` holds ``optimizer.lr``)."""
+
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: float = 0.0
+
+
+@dataclass
+class LogitLossItem:
+    """One logit-loss component (ops.losses): kind, weight in the total, temperature (T² convention for the
+    distillation kinds), β for jsd."""
+
+    kind: str = "forward_kl"
+    weight: float = 1.0
+    temperature: float = 1.0
+    beta: float = 0.5
+
+
+@dataclass
+class HiddenSection:
+    """Residual-stream alignment (output of student layer s vs teacher layer t). ``layer_map``: ``all`` (i ↔ i)
+    or a list of [student_layer, teacher_layer] pairs. Weight 0 disables it."""
+
+    weight: float = 0.0
+    kind: str = "cosine"
+    layer_map: Union[str, list[list[int]]] = "all"
+
+
+@dataclass
+class AttentionAlignSection:
+    """RADLADS teacher-forced attention alignment: each listed student attention module gets the teacher's
+    normalised layer input and is matched to the teacher attention output. ``layers``: ``all`` or indices."""
+
+    weight: float = 0.0
+    kind: str = "mse"
+    layers: Union[str, list[int]] = "all"
+
+
+@dataclass
+class ChannelSection:
+    """Per-token weights by Harmony channel (times the data's analysis_weight)."""
+
+    final: float = 1.0
+    analysis: float = 1.0
+    other: float = 1.0
+
+
+@dataclass
+class LossSection:
+    """Total = Σ weight·component / normaliser, the normaliser counting the whole optimiser step
+    (``tokens``: weighted tokens; ``weight``: the sum of weights) over all micro-batches and data-parallel ranks."""
+
+    logits: list[LogitLossItem] = field(default_factory=lambda: [LogitLossItem("forward_kl", 1.0)])
+    hidden: HiddenSection = field(default_factory=HiddenSection)
+    attention: AttentionAlignSection = field(default_factory=AttentionAlignSection)
+    channels: ChannelSection = field(default_factory=ChannelSection)
+    normaliser: Literal["tokens", "weight"] = "tokens"
+    chunk_size: int = 512
+
+
+@dataclass
+class CheckpointSection:
+    """``dir``: save directory (Megatron-LM layout: iter_NNNNNNN/ + latest_checkpointed_iteration.txt).
+    ``every``: steps between saves (0: only at the end). ``resume``: continue from the latest checkpoint in
+    ``dir`` when one exists."""
+
+    dir: str = ""
+    every: int = 0
+    resume: bool = True
+
+
+@dataclass
+class LoggingSection:
+    """``dir``: TensorBoard event files and metrics.jsonl. ``router_min_entropy``: normalised routing entropy
+    (1 = uniform) below which a layer's routing counts as collapsing (warning). ``peak_tflops``: per-device
+    peak for the MFU estimate (unset: no MFU)."""
+
+    dir: str = ""
+    every: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron-student"
+    router_min_entropy: float = 0.5
+    peak_tflops: float | None = None
+
+
+@dataclass
+class EvalSection:
+    """Held-out (valid split) forward KL(T=1) and CE every ``every`` steps over ``batches`` micro-batches
+    (0 disables)."""
+
+    every: int = 0
+    batches: int = 4
+
+
+@dataclass
+class NanGuardSection:
+    """A step whose loss or gradient norm is NaN/Inf is skipped and counted; more than ``max_consecutive`` in a
+    row stop the run after a checkpoint."""
+
+    max_consecutive: int = 3
+
+
+@dataclass
+class TrainConfig:
+    stage: str = ""
+    steps: int = 1
+    seed: int = 1234
+    student: StudentSection = field(default_factory=StudentSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    losses: LossSection = field(default_factory=LossSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    nan_guard: NanGuardSection = field(default_factory=NanGuardSection)
+    source: str = field(default="<dict>", metadata={"internal": True})
+
+    def resolved(self) -> dict:
+        """Every field, defaults included, as plain YAML-able data (without the internal ``source``)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def logit_losses(self) -> list[LogitLoss]:
+        return [LogitLoss(item.kind, item.temperature, item.beta) for item in self.losses.logits]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, path: str, src: str):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{src}: {path}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path, src)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 2)[-1])
+        raise ConfigError(f"{src}: {path}: {value!r} fits none of {' | '.join(_type_name(a) for a in args)} "
+                          f"({'; '.join(errors)})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{src}: {path}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: {path}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]", src) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, src)
+    if value is None:
+        raise ConfigError(f"{src}: {path}: must not be null (expected {_type_name(tp)})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{src}: {path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{src}: {path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: {path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config field {path}: unsupported annotation {tp!r}")
+
+
+def _build(cls, data: Any, path: str, src: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: {path or '<top level>'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{src}: unknown key {where}{unknown[0]} (known keys here: {', '.join(sorted(fields))})")
+    kwargs = {name: _convert(value, hints[name], f"{path}.{name}" if path else name, src)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Semantic checks
+
+
+def _check(cond: bool, src: str, path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{src}: {path}: {message}")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    src = config.source
+    _check(bool(config.stage), src, "stage", "a stage name is required")
+    _check(config.steps >= 1, src, "steps", f"must be >= 1, got {config.steps}")
+    _check((config.student.hf is None) != (config.student.megatron is None), src, "student",
+           "set exactly one of student.hf (HF student dir) or student.megatron (Megatron checkpoint)")
+    _check(bool(config.teacher.path), src, "teacher.path", "the online teacher's checkpoint is required")
+    d = config.data
+    _check(bool(d.path), src, "data.path", "a prepare-data output directory is required")
+    for key in ("seq_len", "micro_batch", "global_batch"):
+        _check(getattr(d, key) >= 1, src, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+    _check(d.global_batch % d.micro_batch == 0, src, "data.global_batch",
+           f"{d.global_batch} is not a multiple of data.micro_batch={d.micro_batch}")
+    p = config.parallel
+    _check(p.tp >= 1, src, "parallel.tp", f"must be >= 1, got {p.tp}")
+    _check(p.ep >= 1, src, "parallel.ep", f"must be >= 1, got {p.ep}")
+    o = config.optimizer
+    _check(o.lr > 0, src, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), src, "optimizer.betas",
+           f"must be two numbers in [0, 1), got {o.betas}")
+    _check(o.eps > 0, src, "optimizer.eps", f"must be > 0, got {o.eps}")
+    _check(o.weight_decay >= 0, src, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(o.grad_clip >= 0, src, "optimizer.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    for i, group in enumerate(o.param_groups):
+        _check(bool(group.pattern), src, f"optimizer.param_groups[{i}].pattern", "must be a non-empty regex")
+        _regex(group.pattern, src, f"optimizer.param_groups[{i}].pattern")
+        _check(group.lr_scale >= 0, src, f"optimizer.param_groups[{i}].lr_scale", f"must be >= 0, got {group.lr_scale}")
+        _check(group.weight_decay is None or group.weight_decay >= 0, src,
+               f"optimizer.param_groups[{i}].weight_decay", f"must be >= 0, got {group.weight_decay}")
+    for i, pattern in enumerate(o.freeze):
+        _regex(pattern, src, f"optimizer.freeze[{i}]")
+    s = config.schedule
+    _check(0 <= s.warmup_steps <= config.steps, src, "schedule.warmup_steps",
+           f"must be in [0, steps={config.steps}], got {s.warmup_steps}")
+    _check(0 <= s.min_lr <= o.lr, src, "schedule.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
+    losses = config.losses
+    for i, item in enumerate(losses.logits):
+        where = f"losses.logits[{i}]"
+        _check(item.kind in LOGIT_LOSS_KINDS, src, f"{where}.kind",
+               f"{item.kind!r} is not one of {list(LOGIT_LOSS_KINDS)}")
+        _check(item.weight >= 0, src, f"{where}.weight", f"must be >= 0, got {item.weight}")
+        try:
+            LogitLoss(item.kind, item.temperature, item.beta)
+        except ValueError as e:
+            raise ConfigError(f"{src}: {where}: {e}") from e
+    kinds = [item.kind for item in losses.logits]
+    _check(len(set(kinds)) == len(kinds), src, "losses.logits", f"each kind at most once, got {kinds}")
+    for name, section in (("hidden", losses.hidden), ("attention", losses.attention)):
+        _check(section.weight >= 0, src, f"losses.{name}.weight", f"must be >= 0, got {section.weight}")
+        _check(section.kind in ALIGNMENT_KINDS, src, f"losses.{name}.kind",
+               f"{section.kind!r} is not one of {list(ALIGNMENT_KINDS)}")
+    if isinstance(losses.hidden.layer_map, str):
+        _check(losses.hidden.layer_map == "all", src, "losses.hidden.layer_map",
+               f"'all' or a list of [student, teacher] pairs, got {losses.hidden.layer_map!r}")
+    else:
+        for i, pair in enumerate(losses.hidden.layer_map):
+            _check(len(pair) == 2 and min(pair) >= 0, src, f"losses.hidden.layer_map[{i}]",
+                   f"must be [student_layer, teacher_layer] (non-negative), got {pair}")
+    if isinstance(losses.attention.layers, str):
+        _check(losses.attention.layers == "all", src, "losses.attention.layers",
+               f"'all' or a list of layer indices, got {losses.attention.layers!r}")
+    else:
+        _check(all(i >= 0 for i in losses.attention.layers), src, "losses.attention.layers",
+               f"layer indices must be >= 0, got {losses.attention.layers}")
+    active = sum(item.weight for item in losses.logits) + losses.hidden.weight + losses.attention.weight
+    _check(active > 0, src, "losses", "every loss weight is 0: nothing to train on")
+    for key in ("final", "analysis", "other"):
+        _check(getattr(losses.channels, key) >= 0, src, f"losses.channels.{key}", "must be >= 0")
+    _check(losses.chunk_size >= 1, src, "losses.chunk_size", f"must be >= 1, got {losses.chunk_size}")
+    _check(bool(config.checkpoint.dir), src, "checkpoint.dir", "a checkpoint directory is required")
+    _check(config.checkpoint.every >= 0, src, "checkpoint.every", f"must be >= 0, got {config.checkpoint.every}")
+    _check(bool(config.logging.dir), src, "logging.dir", "a log directory is required")
+    _check(config.logging.every >= 1, src, "logging.every", f"must be >= 1, got {config.logging.every}")
+    _check(0 <= config.logging.router_min_entropy <= 1, src, "logging.router_min_entropy", "must be in [0, 1]")
+    _check(config.logging.peak_tflops is None or config.logging.peak_tflops > 0, src, "logging.peak_tflops",
+           "must be > 0 or null")
+    _check(config.eval.every >= 0, src, "eval.every", f"must be >= 0, got {config.eval.every}")
+    _check(config.eval.batches >= 1, src, "eval.batches", f"must be >= 1, got {config.eval.batches}")
+    _check(config.nan_guard.max_consecutive >= 0, src, "nan_guard.max_consecutive", "must be >= 0")
+    return config
+
+
+def _regex(pattern: str, src: str, path: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{src}: {path}: invalid regex {pattern!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def apply_override(data: dict, override: str, src: str) -> None:
+    """Set ``key.path=value`` in ``data`` (value parsed as YAML: numbers, booleans, null, [lists], {maps})."""
+    if "=" not in override:
+        raise ConfigError(f"{src}: override {override!r} is not of the form key.path=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{src}: override {override!r}: empty key component")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: override {key}: cannot parse {text!r}: {e}") from e
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{src}: override {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>") -> TrainConfig:
+    data = dict(data or {})
+    for override in overrides:
+        apply_override(data, override, source)
+    config = _build(TrainConfig, data, "", source)
+    config.source = source
+    return validate(config)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read, override and validate a stage YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(data or {}, overrides, str(path))
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.resolved(), sort_keys=False)

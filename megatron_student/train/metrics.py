@@ -1,0 +1,123 @@
+"""Training metrics: router load statistics and the metrics sink (console, metrics.jsonl, TensorBoard, W&B).
+
+Router statistics count, per MoE layer of the student, how many (token, slot) routing decisions each expert
+received since the last report, summed over every rank (each rank routes its own tokens: its data-parallel
+batch and, under sequence parallelism, its sequence shard). Reported per layer: the fraction per expert, the
+entropy of that distribution normalised by log(E) (1 = uniform) and the largest share. A layer whose normalised
+entropy falls below ``min_entropy`` is reported as collapsing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class RouterStats:
+    """Forward hooks on every router of ``model`` (modules with a ``routing`` method and ``num_moe_experts``);
+    counts accumulate while ``enabled``."""
+
+    def __init__(self, model: torch.nn.Module, min_entropy: float):
+        self.min_entropy = min_entropy
+        self.enabled = True
+        self.counts: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if hasattr(module, "routing") and hasattr(module, "topk"):
+                layer = name.removesuffix(".mlp.router").replace("decoder.layers.", "layer_")
+                self.counts[layer] = torch.zeros(module.config.num_moe_experts, dtype=torch.float64)
+                self._handles.append(module.register_forward_hook(self._hook(layer)))
+        if not self.counts:
+            raise ValueError("RouterStats: the model has no MoE router")
+
+    def _hook(self, layer: str):
+        def hook(module, args, output):
+            if self.enabled:
+                routing_map = output[1]
+                self.counts[layer] += routing_map.detach().sum(0).to(device="cpu", dtype=torch.float64)
+        return hook
+
+    def report(self, group=None) -> tuple[dict[str, float], list[str]]:
+        """(scalars, collapsing layer names) over everything counted since the last report, summed over
+        ``group`` (None: every rank); resets the counts."""
+        names = sorted(self.counts, key=lambda n: int(n.split("_")[-1]))
+        stacked = torch.stack([self.counts[n] for n in names])
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        scalars, collapsing = {}, []
+        for name, counts in zip(names, stacked):
+            self.counts[name].zero_()
+            total = float(counts.sum())
+            if total == 0:
+                continue
+            fraction = counts / total
+            nonzero = fraction[fraction > 0]
+            entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(len(fraction)) if len(fraction) > 1 else 1.0
+            scalars[f"router/{name}/entropy"] = entropy
+            scalars[f"router/{name}/max_share"] = float(fraction.max())
+            for e, f in enumerate(fraction.tolist()):
+                scalars[f"router/{name}/expert_{e}"] = f
+            if entropy < self.min_entropy:
+                collapsing.append(name)
+        scalars["router/collapsing_layers"] = float(len(collapsing))
+        return scalars, collapsing
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class MetricsSink:
+    """Rank 0 writes ``metrics.jsonl``, TensorBoard events (``tensorboard``) and W&B (``wandb``, when the package
+    is installed) under ``log_dir``; other ranks write nothing."""
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool, tensorboard: bool, wandb: bool, wandb_project: str,
+                 run_name: str, config: dict):
+        self.enabled = enabled
+        self.tb = self.wandb = self.jsonl = None
+        if not enabled:
+            return
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(log_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                warnings.warn("logging.wandb is set but wandb is not installed; logging to TensorBoard/jsonl only")
+            else:
+                self.wandb = wandb_module.init(project=wandb_project, name=run_name, config=config, dir=str(log_dir))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def console(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
