@@ -235,6 +235,9 @@ class TrainConfig:
 # Building dataclasses from plain data
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -280,6 +283,8 @@ def _convert(value: Any, tp, path: str, src: str):
             raise ConfigError(f"{src}: {path}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 reads it as a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{src}: {path}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
