@@ -121,7 +121,9 @@ def load_model(path: str | Path, role: str, parallel: ParallelConfig):
                 {k: v for k, v in config_dict.items() if k != "quantization_config"})
         model = build(config, parallel)
         restore_fp32_parameters(model)
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+        state.pop(METADATA_KEY, None)  # the common state comes back with the tensors
+        model.load_state_dict(state)
     elif (path / "config.json").is_file():
         reader, config, config_dict = open_hf_checkpoint(path, role)
         model = build(config, parallel)
