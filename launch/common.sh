@@ -24,8 +24,8 @@
 #                     env.txt and command.txt (and rank-N.out files with PER_TASK_LOGS=1)
 #   PER_TASK_LOGS     1: srun writes one file per task into the job's log directory (default 0:
 #                     everything goes to logs/%x-%j.out, lines prefixed with the task id)
-#   OUTPUT_DIR        when set, passed to the trainer as OUTPUT_KEY=OUTPUT_DIR (default: the config's)
-#   OUTPUT_KEY        config key for the output directory (default output_dir)
+#   OUTPUT_DIR        when set, the trainer writes checkpoints to OUTPUT_DIR/checkpoints and logs to
+#                     OUTPUT_DIR/logs (checkpoint.dir / logging.dir overrides; default: the config's)
 #   ENV_ACTIVATE      script sourced in every task before training (a venv's bin/activate, a conda
 #                     or module setup script); default REPO_DIR/.venv/bin/activate when it exists
 #   CONTAINER_IMAGE   optional pyxis/enroot image (srun --container-image); CONTAINER_MOUNTS
@@ -83,7 +83,9 @@ ms_resolve_common() {
              "context with TP + sequence parallel and activation recompute instead)"
     fi
   done
-  if [[ -n "${OUTPUT_DIR:-}" ]]; then MS_OVERRIDES+=("${OUTPUT_KEY:-output_dir}=$OUTPUT_DIR"); fi
+  if [[ -n "${OUTPUT_DIR:-}" ]]; then
+    MS_OVERRIDES+=("checkpoint.dir=$OUTPUT_DIR/checkpoints" "logging.dir=$OUTPUT_DIR/logs")
+  fi
 
   LOG_DIR="${LOG_DIR:-$REPO_DIR/logs}"
   if [[ -z "${ENV_ACTIVATE+x}" && -f "$REPO_DIR/.venv/bin/activate" ]]; then

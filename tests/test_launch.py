@@ -90,14 +90,14 @@ def test_stage_sbatch_headers(name):
 @pytest.mark.parametrize("name,config", list(STAGES.items()))
 def test_stage_dry_run_with_fake_slurm(fake_repo, name, config):
     repo, bindir = fake_repo
-    res = _run(repo / "launch" / name, "training.lr=1e-5", "note=two words",
+    res = _run(repo / "launch" / name, "optimizer.lr=1e-5", "note=two words",
                env=_slurm_env(bindir, DRY_RUN="1"))
     assert res.returncode == 0, res.stderr
     out = res.stdout
     cmd = _command_line(out)
     assert "megatron-student train" in cmd
     assert f"{repo / config}" in cmd
-    assert cmd.endswith(r"training.lr=1e-5 note=two\ words")
+    assert cmd.endswith(r"optimizer.lr=1e-5 note=two\ words")
     assert cmd.startswith("srun ") and "--ntasks=16" in cmd and "--ntasks-per-node=8" in cmd
     assert "_task rank" in cmd
     assert "MASTER_ADDR=gpu-node017" in out
@@ -159,7 +159,7 @@ def test_overrides_of_paths_and_nccl(fake_repo, tmp_path):
                               NCCL_NVLS_ENABLE="0", NCCL_IB_HCA="mlx5", NCCL_DEBUG="INFO", MASTER_PORT="7777"))
     assert res.returncode == 0, res.stderr
     out, cmd = res.stdout, _command_line(res.stdout)
-    assert f"train {cfg} output_dir={tmp_path / 'out'}" in cmd
+    assert f"train {cfg} checkpoint.dir={tmp_path / 'out'}/checkpoints logging.dir={tmp_path / 'out'}/logs" in cmd
     assert "--container-image=nvcr.io#nvidia/pytorch:25.09-py3" in cmd
     assert f"JOB_LOG_DIR={tmp_path / 'L'}/ms-test-123456" in out
     for line in ("NCCL_NVLS_ENABLE=0", "NCCL_IB_HCA=mlx5", "NCCL_DEBUG=INFO", "MASTER_PORT=7777"):
