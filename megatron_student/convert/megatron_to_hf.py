@@ -36,7 +36,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from ..hf_io import StreamingCheckpointWriter
 from ..student.config import StudentConfig
-from ..student.modeling import AUTO_MAP, HARMONY_STOP_TOKEN_IDS, SHIM_FILES, StudentForCausalLM
+from ..student.modeling import StudentForCausalLM, write_bundle_files
 from ..student.surgery import FP32_PARAMETERS
 from .common import METADATA_KEY, ConversionError, resolve_megatron_dir
 
@@ -149,7 +149,6 @@ def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, tea
         raise ConversionError(f"{ckpt.directory}: recorded HF config has model_type {model_type!r}, expected "
                               f"{StudentConfig.model_type!r}")
     config = StudentConfig.from_dict(meta["hf_config"])
-    config.auto_map = dict(AUTO_MAP)
     config.dtype = "bfloat16"
     with torch.device("meta"):
         expected = {n: tuple(t.shape) for n, t in StudentForCausalLM(config).state_dict().items()}
@@ -178,13 +177,7 @@ def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, tea
                 dtype = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else torch.bfloat16
                 writer.add(name, tensor.to(dtype))
                 del megatron, tensor
-        config.save_pretrained(writer.directory)
-        writer.write_json("generation_config.json", {
-            "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-            "eos_token_id": HARMONY_STOP_TOKEN_IDS, "do_sample": False,
-        })
-        for name, text in SHIM_FILES.items():
-            writer.write_text(name, text)
+        write_bundle_files(writer.directory, config)
         writer.write_text("README.md", model_card(config, meta, ckpt.directory))
         if teacher_dir is not None:
             copied = [f for f in TOKENIZER_FILES if (Path(teacher_dir) / f).is_file()]

@@ -7,6 +7,7 @@ converters map tensors by name.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,12 +449,28 @@ class StudentForCausalLM(StudentPreTrainedModel, GenerationMixin):
         return StudentOutput(loss=loss, logits=logits, cache=cache, hidden_states=all_hidden, router_logits=routers)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also writes the two-line code shims that let `AutoModelForCausalLM.from_pretrained(dir,
-        trust_remote_code=True)` find our classes (the package must be installed where it loads)."""
+        """Also writes the code shims (see ``write_code_shims``)."""
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
-        for name, text in SHIM_FILES.items():
-            Path(save_directory, name).write_text(text)
+        write_code_shims(save_directory)
+
+
+def write_code_shims(directory) -> None:
+    """The two-line code files that let `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` find
+    our classes (the package must be installed where it loads)."""
+    for name, text in SHIM_FILES.items():
+        Path(directory, name).write_text(text)
+
+
+def write_bundle_files(directory, config: StudentConfig) -> None:
+    """Everything beside the safetensors that makes a student directory loadable and generate-ready:
+    config.json (with auto_map), generation_config.json with the Harmony stop tokens, the code shims."""
+    config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(directory)
+    generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+                  "eos_token_id": HARMONY_STOP_TOKEN_IDS, "do_sample": False}
+    Path(directory, "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    write_code_shims(directory)
 
 
 def register_auto_classes() -> None:

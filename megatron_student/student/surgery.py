@@ -17,7 +17,7 @@ from ..ops.rope import YarnRope
 from ..ops.tpa import tpa_from_gqa, tpa_from_heads_svd
 from ..teacher import TeacherCheckpoint
 from .config import StudentConfig, load_plan_file
-from .modeling import AUTO_MAP, HARMONY_STOP_TOKEN_IDS, SHIM_FILES, KdaAttention, StudentForCausalLM, init_kda_extras
+from .modeling import KdaAttention, StudentForCausalLM, init_kda_extras, write_bundle_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 FP32_PARAMETERS = ("A_log", "dt_bias")  # decay math stays fp32 whatever the checkpoint dtype
@@ -224,20 +224,13 @@ def init_student(
     if isinstance(plan, (str, Path)):
         plan = load_plan_file(plan)
     config = StudentConfig.from_teacher(teacher.config, plan, teacher_name_or_path=str(teacher_dir))
-    config.auto_map = dict(AUTO_MAP)
     if dtype:
         config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     surgery = Surgery(teacher, config, DTYPES[dtype] if dtype else None, seed)
     with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
         for name, tensor in surgery.tensors():
             writer.add(name, tensor)
-        config.save_pretrained(writer.directory)
-        writer.write_json("generation_config.json", {
-            "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-            "eos_token_id": HARMONY_STOP_TOKEN_IDS, "do_sample": False,
-        })
-        for name, text in SHIM_FILES.items():
-            writer.write_text(name, text)
+        write_bundle_files(writer.directory, config)
         report = format_report(surgery.records)
         writer.write_text("surgery_report.txt", report + "\n")
         writer.write_json("surgery_report.json", [r.__dict__ for r in surgery.records])
