@@ -27,7 +27,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 
 from ..ops.attention import sink_attention
 from ..ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
-from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin
+from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin, token_positions
 from ..ops.tpa import tpa_combine
 from .layers import Projection, new_parameter
 
@@ -116,13 +116,6 @@ class _TensorParallelAttention(MegatronModule):
             raise ValueError("self-attention needs cu_seqlens_q == cu_seqlens_kv")
         return cu
 
-    def _positions(self, length: int, cu_seqlens, device) -> torch.Tensor:
-        ids = torch.arange(length, device=device)
-        if cu_seqlens is not None:  # positions restart in every packed document
-            cu = cu_seqlens.to(device=device, dtype=torch.long)
-            ids = ids - cu[:-1].repeat_interleave(cu.diff())
-        return ids
-
     def _cos_sin(self, ids: torch.Tensor, inv_freq: torch.Tensor | None = None):
         inv_freq = self._inv_freq.to(ids.device) if inv_freq is None else inv_freq
         return rope_cos_sin(ids[None], inv_freq, self.settings.rope.concentration)
@@ -161,7 +154,7 @@ class SoftmaxSinkAttention(_TensorParallelAttention):
         B, S, _ = x.shape
         D = self.settings.head_dim
         cu_seqlens = self._cu_seqlens(packed_seq_params, B)
-        cos, sin = self._cos_sin(self._positions(S, cu_seqlens, x.device))
+        cos, sin = self._cos_sin(token_positions(S, x.device, cu_seqlens))
         q = apply_rotary(self.q_proj(x).view(B, S, self.heads, D), cos, sin)
         k = apply_rotary(self.k_proj(x).view(B, S, self.kv_heads, D), cos, sin)
         v = self.v_proj(x).view(B, S, self.kv_heads, D)
@@ -226,7 +219,7 @@ class SwaTpaAttention(_TensorParallelAttention):
         B, S, _ = x.shape
         D = self.settings.head_dim
         cu_seqlens = self._cu_seqlens(packed_seq_params, B)
-        ids = self._positions(S, cu_seqlens, x.device)
+        ids = token_positions(S, x.device, cu_seqlens)
         cos, sin = (None, None) if self.settings.grape else self._cos_sin(ids)
         if self.ranks["q"] is None:
             q = self._rotate(self.q_proj(x).view(B, S, self.heads, D), ids, cos, sin)

@@ -596,8 +596,7 @@ def kda_from_logits(
     if not (q.is_cuda and (needs_grad or T > DECODE_MAX_TOKENS)):
         g = kda_gate(f, A_log, dt_bias, lower_bound=lower_bound)
         return kda(q, k, v, g, torch.sigmoid(beta_logits.float()).to(q.dtype), scale=scale,
-                   initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                   safe_gate=False)
+                   initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     K = q.shape[-1]
     if f.shape != (B, T, HV * K):
         raise ValueError(f"kda_from_logits: f must be [B, T, HV*K]=[{B}, {T}, {HV * K}], got {list(f.shape)}")

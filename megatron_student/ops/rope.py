@@ -68,6 +68,17 @@ class YarnRope:
         return (1.0 / (self.factor * base_freq)) * (1 - keep) + (1.0 / base_freq) * keep
 
 
+def token_positions(length: int, device, cu_seqlens: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """[length] positions: ``start, start+1, …``, or restarting at 0 in every packed document of ``cu_seqlens``."""
+    if cu_seqlens is not None and start:
+        raise ValueError("packed documents (cu_seqlens) start at position 0; a cache offset cannot apply")
+    ids = torch.arange(start, start + length, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        ids = ids - cu[:-1].repeat_interleave(cu.diff())
+    return ids
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [..., T] (int) → cos, sin (fp32, or fp64 for fp64 frequencies) [..., T, 1, D/2] for shared frequencies (inv_freq [D/2]) or
     [..., T, H, D/2] for per-head frequencies (inv_freq [H, D/2]); ready to broadcast over [..., T, H, D/2]."""

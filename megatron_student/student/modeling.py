@@ -22,7 +22,7 @@ from ..ops.attention import sink_attention
 from ..ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
 from ..ops.moe import experts_forward, router_topk_softmax
 from ..ops.norm import rms_norm
-from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin
+from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin, token_positions
 from ..ops.tpa import tpa_combine
 from .config import StudentConfig
 
@@ -66,11 +66,7 @@ class Positions:
 
 def make_positions(yarn: YarnRope, batch: int, length: int, device, cu_seqlens=None, start: int = 0) -> Positions:
     """Positions (restarting in every packed document when cu_seqlens is given) and their YaRN cos/sin."""
-    if cu_seqlens is not None:
-        ids = torch.arange(length, device=device) - cu_seqlens[:-1].repeat_interleave(cu_seqlens.diff())
-    else:
-        ids = torch.arange(start, start + length, device=device)
-    ids = ids.unsqueeze(0).expand(batch, length)
+    ids = token_positions(length, device, cu_seqlens, start).unsqueeze(0).expand(batch, length)
     # Recomputed per call (D/2 values): a buffer would be left uninitialised by meta-device loading.
     cos, sin = rope_cos_sin(ids, yarn.inv_freq().to(device), yarn.concentration)
     return Positions(ids, cos, sin, yarn.concentration)
@@ -434,7 +430,7 @@ class StudentForCausalLM(StudentPreTrainedModel, GenerationMixin):
         if position_ids is not None:
             start = cache.seen_tokens if cache is not None else 0
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            expected = torch.arange(start, start + length, device=position_ids.device)
+            expected = token_positions(length, position_ids.device, start=start)
             if cu_seqlens is not None or not bool((position_ids == expected).all()):
                 raise ValueError("position_ids must be the consecutive positions after the cache; packed "
                                  "documents restart their positions through cu_seqlens instead")
