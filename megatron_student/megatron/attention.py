@@ -198,12 +198,14 @@ class SwaTpaAttention(_TensorParallelAttention):
             self.plane_skew = new_parameter(config, (D, D), tp_axis=None, init="zeros") if s.grape_learned_basis else None
         self._build_o_proj(self.heads * D)
 
-    def _rotate(self, x, ids, cos, sin):
+    def _rotation(self, ids):
+        """This forward's position map (YaRN RoPE or this layer's GRAPE-M), built once for q and the K factors."""
         if not self.settings.grape:
-            return apply_rotary(x, cos, sin)
-        g_cos, g_sin = self._cos_sin(ids, self.rope_freq)
+            cos, sin = self._cos_sin(ids)
+            return lambda x: apply_rotary(x, cos, sin)
+        cos, sin = self._cos_sin(ids, self.rope_freq)
         basis = orthogonal_from_skew(self.plane_skew) if self.plane_skew is not None else None
-        return apply_grape_m(x, g_cos, g_sin, basis)
+        return lambda x: apply_grape_m(x, cos, sin, basis)
 
     def _factors(self, name: str, x):
         B, S, _ = x.shape
@@ -219,16 +221,15 @@ class SwaTpaAttention(_TensorParallelAttention):
         B, S, _ = x.shape
         D = self.settings.head_dim
         cu_seqlens = self._cu_seqlens(packed_seq_params, B)
-        ids = token_positions(S, x.device, cu_seqlens)
-        cos, sin = (None, None) if self.settings.grape else self._cos_sin(ids)
+        rotate = self._rotation(token_positions(S, x.device, cu_seqlens))
         if self.ranks["q"] is None:
-            q = self._rotate(self.q_proj(x).view(B, S, self.heads, D), ids, cos, sin)
+            q = rotate(self.q_proj(x).view(B, S, self.heads, D))
         else:
             q_a, q_b = self._factors("q", x)
-            q = tpa_combine(q_a, self._rotate(q_b, ids, cos, sin))
+            q = tpa_combine(q_a, rotate(q_b))
         k_a, k_b = self._factors("k", x)
         v_a, v_b = self._factors("v", x)
-        k = tpa_combine(k_a, self._rotate(k_b, ids, cos, sin))
+        k = tpa_combine(k_a, rotate(k_b))
         v = tpa_combine(v_a, v_b)
         o = sink_attention(q, k, v, self.sinks, window=self.settings.window, cu_seqlens=cu_seqlens,
                            backend=self.settings.backend)

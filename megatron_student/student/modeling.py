@@ -138,12 +138,13 @@ class SwaTpaAttention(nn.Module):
             self.rope_freq = nn.Parameter(YarnRope.from_hf_config(config).inv_freq())
             self.plane_skew = nn.Parameter(torch.zeros(D, D)) if config.grape_learned_basis else None
 
-    def _rotate(self, x, positions: Positions):
+    def _rotation(self, positions: Positions):
+        """This forward's position map (shared YaRN RoPE or this layer's GRAPE-M), built once for q and K."""
         if not self.grape:
-            return apply_rotary(x, positions.cos, positions.sin)
+            return lambda x: apply_rotary(x, positions.cos, positions.sin)
         cos, sin = rope_cos_sin(positions.ids, self.rope_freq, positions.scaling)
         basis = orthogonal_from_skew(self.plane_skew) if self.plane_skew is not None else None
-        return apply_grape_m(x, cos, sin, basis)
+        return lambda x: apply_grape_m(x, cos, sin, basis)
 
     def _factors(self, name: str, x):
         B, T, _ = x.shape
@@ -156,14 +157,15 @@ class SwaTpaAttention(nn.Module):
 
     def forward(self, x, positions: Positions, cu_seqlens=None, cache: StudentCache | None = None):
         B, T, _ = x.shape
+        rotate = self._rotation(positions)
         if self.q_rank is None:
-            q = self._rotate(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions)
+            q = rotate(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
         else:
             q_a, q_b = self._factors("q", x)
-            q = tpa_combine(q_a, self._rotate(q_b, positions))
+            q = tpa_combine(q_a, rotate(q_b))
         k_a, k_b = self._factors("k", x)
         v_a, v_b = self._factors("v", x)
-        factors = {"k_a": k_a, "k_b": self._rotate(k_b, positions), "v_a": v_a, "v_b": v_b}
+        factors = {"k_a": k_a, "k_b": rotate(k_b), "v_a": v_a, "v_b": v_b}
         if cache is not None:
             factors = _append(cache.layers[self.layer_idx], factors)
             cache.layers[self.layer_idx] = _trim(factors, self.window - 1)
