@@ -60,6 +60,10 @@ def test_student_plans_resolve(name, layers):
     ("student.megatron=x", "student: set exactly one"),
     ("teacher.dtype=fp16", "teacher.dtype"),
     ("logging.peak_tflops=-3", "logging.peak_tflops"),
+    ("student.dtype=fp16", "student.dtype: 'fp16' is not one of"),
+    ("optimizer.implementation=apex", "optimizer.implementation: 'apex' is not one of"),
+    ("recompute.granularity=selective", "recompute.granularity: 'selective' is not one of"),
+    ("recompute.num_layers=0", "recompute.num_layers: must be >= 1"),
 ])
 def test_validation_errors_name_file_and_key(override, message):
     path = CONFIGS / "demo.yaml"
@@ -81,3 +85,8 @@ def test_overrides_apply_with_yaml_values():
 def test_every_loss_weight_zero_is_rejected():
     with pytest.raises(ConfigError, match="every loss weight is 0"):
         load_config(CONFIGS / "demo.yaml", ["losses.logits=[{kind: ce, weight: 0.0}]"])
+
+
+def test_bf16_student_needs_megatrons_optimizer():
+    with pytest.raises(ConfigError, match="student.dtype: bf16 needs optimizer.implementation megatron"):
+        load_config(CONFIGS / "demo.yaml", ["student.dtype=bf16", "optimizer.implementation=torch"])

@@ -87,6 +87,27 @@ def test_stop_and_resume_equals_uninterrupted_run(setup):
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
 
 
+def test_activation_recompute_reruns_each_layer_and_keeps_the_steps(setup):
+    """recompute.granularity=full: every student layer's forward runs twice per micro-batch (forward + recompute in
+    backward), and the losses and gradient norms equal the run without recompute."""
+    def run(name, overrides):
+        with distributed_context():
+            trainer = Trainer(make_config(setup, name, ["steps=2", *overrides]))
+            calls = []
+            for layer in trainer.student.decoder.layers:
+                layer.self_attention.register_forward_hook(lambda *_: calls.append(1))
+            history = trainer.fit()
+        return history, len(calls)
+
+    plain, plain_calls = run("plain", [])
+    for method, num_layers in (("uniform", 1), ("block", 2)):
+        recomputed, calls = run(f"recompute_{method}", ["recompute.granularity=full", f"recompute.method={method}",
+                                                         f"recompute.num_layers={num_layers}"])
+        assert calls == 2 * plain_calls, (method, calls, plain_calls)
+        for a, b in zip(plain, recomputed):
+            assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+
+
 def test_freeze_patterns_and_zero_lr_scale_are_honoured(setup):
     config = make_config(setup, "freeze", [
         "steps=2", "optimizer.freeze=['^embedding\\.', '\\.mlp\\.', 'layernorm']",

@@ -120,6 +120,30 @@ def _cuda_rng_tracker_fork() -> None:
     tp_random.CudaRNGStatesTracker.fork = fork
 
 
+def _cuda_rng_state_in_recompute() -> None:
+    """Activation recompute (``tensor_parallel.checkpoint``, used by ``recompute_granularity='full'``) saves and
+    restores ``_get_cuda_rng_state``/``_set_cuda_rng_state`` (tensor_parallel/random.py) around the recomputed
+    forward, which calls ``torch.cuda.random.get_rng_state`` unconditionally and fails without CUDA. Not fixed
+    upstream as of core_v0.16.1. Without CUDA there is no CUDA generator to keep in step: the getter returns None
+    and the setter ignores it (the CPU generator state is still saved and restored by Megatron)."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as tp_random
+
+    if getattr(tp_random._get_cuda_rng_state, "_megatron_student_compat", False):
+        return
+
+    def get_state(*args, **kwargs):
+        return None
+
+    def set_state(*args, **kwargs):
+        return None
+
+    get_state._megatron_student_compat = True
+    tp_random._get_cuda_rng_state = get_state
+    tp_random._set_cuda_rng_state = set_state
+
+
 def apply() -> None:
     """Apply every workaround once (safe to call repeatedly)."""
     global _APPLIED
@@ -130,4 +154,5 @@ def apply() -> None:
     _expert_grads_at_ep1()
     _cuda_only_device_calls()
     _cuda_rng_tracker_fork()
+    _cuda_rng_state_in_recompute()
     _APPLIED = True

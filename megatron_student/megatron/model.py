@@ -49,6 +49,9 @@ class ParallelConfig:
     make_vocab_size_divisible_by: int = 128
     attention_backend: str = "auto"  # ops.attention.sink_attention backend
     max_sequence_length: int = 131072
+    recompute: str | None = None  # None or "full": Megatron's activation recompute of whole layers
+    recompute_method: str = "uniform"  # "uniform" (groups of recompute_num_layers) or "block" (the first N layers)
+    recompute_num_layers: int = 1
 
     @property
     def uses_sequence_parallel(self) -> bool:
@@ -73,6 +76,9 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     """TransformerConfig for a gpt-oss-shaped HF config (teacher ``GptOssConfig`` or ``StudentConfig``)."""
     if parallel.tensor_parallel > 1 and not parallel.uses_sequence_parallel:
         raise ValueError("TP > 1 needs sequence parallelism (MoE + TP in Megatron, and the TP gradient rules)")
+    if parallel.recompute not in (None, "full") or parallel.recompute_method not in ("uniform", "block"):
+        raise ValueError(f"recompute {parallel.recompute!r} / {parallel.recompute_method!r}: choose None or 'full', "
+                         "and 'uniform' or 'block'")
     if parallel.dispatcher not in ("allgather", "alltoall"):
         raise ValueError(f"dispatcher {parallel.dispatcher!r}: choose allgather or alltoall")
     if hf_config.num_local_experts % parallel.expert_parallel:
@@ -117,6 +123,9 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
         bf16=parallel.params_dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
         hetereogenous_dist_checkpoint=True,  # per-layer checkpoint keys: layers differ in attention kind
+        recompute_granularity=parallel.recompute,
+        recompute_method=parallel.recompute_method if parallel.recompute else None,
+        recompute_num_layers=parallel.recompute_num_layers if parallel.recompute else None,
     )
 
 
@@ -192,7 +201,18 @@ def _build(hf_config, kinds: list[str], parallel: ParallelConfig, student: bool)
         position_embedding_type="none",
     )
     model.hf_vocab_size = hf_config.vocab_size
+    if parallel.recompute:
+        model.embedding.register_forward_hook(_grad_requiring_output)
     return model
+
+
+def _grad_requiring_output(module, args, output):
+    """Megatron's recompute is reentrant (``tensor_parallel.checkpoint``, an autograd Function over the layer input
+    only): with frozen embeddings that input needs no grad, so the checkpoint output needs none and every layer is
+    cut off from backward. Marking the embedding output as requiring grad keeps the layers in the graph."""
+    if not output.requires_grad:
+        output.requires_grad_()
+    return output
 
 
 def build_student(student_config, parallel: ParallelConfig) -> GPTModel:

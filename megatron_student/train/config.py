@@ -35,10 +35,13 @@ class ConfigError(ValueError):
 class StudentSection:
     """Where the student's weights come from: exactly one of ``hf`` (an ``init-student`` output directory) or
     ``megatron`` (a Megatron torch_dist checkpoint: ``convert-hf-to-megatron --role student`` output, or a previous
-    stage's checkpoint dir, whose latest iteration is used)."""
+    stage's checkpoint dir, whose latest iteration is used). ``dtype``: the student's parameter dtype; auto = bf16
+    with Megatron's optimizer (it keeps fp32 main weights: the GPU default), fp32 with torch AdamW (CPU). Router and KDA decay
+    parameters stay fp32 either way."""
 
     hf: str | None = None
     megatron: str | None = None
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass
@@ -86,8 +89,15 @@ class ParamGroup:
 @dataclass
 class OptimizerSection:
     """AdamW. ``freeze``: regexes (``re.search``) of parameters that do not train (excluded from DDP and the
-    optimizer). ``grad_clip``: global gradient-norm clip (0 disables)."""
+    optimizer). ``grad_clip``: global gradient-norm clip (0 disables).
+    ``implementation``: ``megatron`` = Megatron-Core's optimizer (``get_megatron_optimizer``: fp32 main weights for
+    a bf16 student, its gradient norm and clipping; needs CUDA), ``torch`` = torch AdamW on DDP's fp32 gradient
+    buffers (the CPU reference; fp32 student only), ``auto`` = megatron on GPU, torch on CPU.
+    ``distributed``: with ``megatron``, Megatron's distributed optimizer (optimizer state and main weights sharded
+    over data-parallel ranks, gradients reduce-scattered)."""
 
+    implementation: Literal["auto", "megatron", "torch"] = "auto"
+    distributed: bool = True
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -95,6 +105,17 @@ class OptimizerSection:
     grad_clip: float = 1.0
     param_groups: list[ParamGroup] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecomputeSection:
+    """Activation recompute (Megatron's full-layer recompute): ``full`` keeps only each recomputed layer's input
+    and reruns its forward during backward. ``method``: ``uniform`` (groups of ``num_layers`` layers, one
+    checkpoint each) or ``block`` (the first ``num_layers`` layers recomputed, the rest kept)."""
+
+    granularity: Literal["none", "full"] = "none"
+    method: Literal["uniform", "block"] = "uniform"
+    num_layers: int = 1
 
 
 @dataclass
@@ -213,6 +234,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    recompute: RecomputeSection = field(default_factory=RecomputeSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     losses: LossSection = field(default_factory=LossSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -351,6 +373,10 @@ def validate(config: TrainConfig) -> TrainConfig:
                f"optimizer.param_groups[{i}].weight_decay", f"must be >= 0, got {group.weight_decay}")
     for i, pattern in enumerate(o.freeze):
         _regex(pattern, src, f"optimizer.freeze[{i}]")
+    _check(not (o.implementation == "torch" and config.student.dtype == "bf16"), src, "student.dtype",
+           "bf16 needs optimizer.implementation megatron (fp32 main weights); torch AdamW trains an fp32 student")
+    _check(config.recompute.num_layers >= 1, src, "recompute.num_layers",
+           f"must be >= 1, got {config.recompute.num_layers}")
     s = config.schedule
     _check(0 <= s.warmup_steps <= config.steps, src, "schedule.warmup_steps",
            f"must be in [0, steps={config.steps}], got {s.warmup_steps}")

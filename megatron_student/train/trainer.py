@@ -12,14 +12,16 @@ Per optimiser step:
 4. ``finalize_model_grads`` (DP and sequence-parallel reductions), the global gradient norm (TP duplicates counted
    once, experts over EP), NaN/Inf guard, clipping, LR schedule, AdamW step.
 
-Optimizer: torch's AdamW on Megatron DDP's fp32 ``main_grad`` buffers on CPU and GPU (Megatron's
-``get_megatron_optimizer``/distributed optimizer allocates on CUDA and is not wired here yet). The student
-therefore trains in fp32; the teacher runs in bf16 on GPU (``teacher.dtype``).
+Optimizer (``optim.py``): on GPU Megatron-Core's (``get_megatron_optimizer``; a bf16 student with fp32 main
+weights, the distributed optimizer by default), on CPU torch AdamW on DDP's fp32 ``main_grad`` buffers (fp32
+student). The teacher runs in bf16 on GPU (``teacher.dtype``). ``recompute.granularity: full`` turns on
+Megatron's activation recompute of whole student layers.
 
 Checkpoints (``checkpoint.dir``, Megatron-LM layout ``iter_NNNNNNN/`` + ``latest_checkpointed_iteration.txt``):
 the model as torch_dist (reshardable; carries the converters' metadata record, so ``convert-megatron-to-hf``
 exports it and a next stage starts from it with ``student.megatron``), ``trainer/rank_NNNNN.pt`` per rank
-(optimizer, step, sampler position, RNG states, guard counters; resume needs the same world size, TP and EP) and
+(step, sampler position, RNG states, guard counters, and the torch optimizer's state; resume needs the same world
+size, TP and EP), ``optimizer/`` (Megatron's optimizer state as torch_dist, when that optimizer is used) and
 ``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed; the tracker is replaced atomically.
 """
 
@@ -29,7 +31,6 @@ import contextlib
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from ..ops.losses import (
 from ..student.config import StudentConfig
 from .config import ConfigError, TrainConfig, dump_config
 from .metrics import MetricsSink, RouterStats
+from .optim import apply_freeze, build_optimizer, is_expert_parameter, learning_rate, optimizer_implementation
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -205,87 +207,7 @@ class BatchStream:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Schedule, parameter groups, gradient norm
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """The base learning rate at (0-based) ``step``."""
-    lr, s = config.optimizer.lr, config.schedule
-    if step < s.warmup_steps:
-        return lr * (step + 1) / s.warmup_steps
-    if s.decay == "constant":
-        return lr
-    span = max(config.steps - s.warmup_steps - 1, 1)
-    progress = min((step - s.warmup_steps) / span, 1.0)
-    if s.decay == "linear":
-        return s.min_lr + (lr - s.min_lr) * (1.0 - progress)
-    return s.min_lr + (lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def apply_freeze(model: torch.nn.Module, config: TrainConfig) -> list[str]:
-    """Switch off ``requires_grad`` for parameters matching ``optimizer.freeze``; returns the frozen names."""
-    frozen = []
-    for i, pattern in enumerate(config.optimizer.freeze):
-        regex = re.compile(pattern)
-        hits = [name for name, _ in model.named_parameters() if regex.search(name)]
-        if not hits:
-            raise ConfigError(f"{config.source}: optimizer.freeze[{i}]: {pattern!r} matches no student parameter")
-        frozen.extend(hits)
-    params = dict(model.named_parameters())
-    for name in frozen:
-        params[name].requires_grad_(False)
-    if all(not p.requires_grad for p in params.values()):
-        raise ConfigError(f"{config.source}: optimizer.freeze: every student parameter is frozen")
-    return sorted(set(frozen))
-
-
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """AdamW groups: one per ``optimizer.param_groups`` entry (first match wins) plus the default group."""
-    specs = config.optimizer.param_groups
-    regexes = [re.compile(g.pattern) for g in specs]
-    members: list[list] = [[] for _ in range(len(specs) + 1)]
-    names: list[list[str]] = [[] for _ in range(len(specs) + 1)]
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        index = next((i for i, r in enumerate(regexes) if r.search(name)), len(specs))
-        members[index].append(p)
-        names[index].append(name)
-    groups = []
-    for i, spec in enumerate(specs):
-        if not members[i]:
-            raise ConfigError(f"{config.source}: optimizer.param_groups[{i}].pattern: {spec.pattern!r} matches no "
-                              "trainable student parameter (or only ones an earlier group took)")
-        wd = config.optimizer.weight_decay if spec.weight_decay is None else spec.weight_decay
-        groups.append({"params": members[i], "names": names[i], "lr_scale": spec.lr_scale, "weight_decay": wd})
-    if members[-1]:
-        groups.append({"params": members[-1], "names": names[-1], "lr_scale": 1.0,
-                       "weight_decay": config.optimizer.weight_decay})
-    return groups
-
-
-def _is_expert(p: torch.nn.Parameter) -> bool:
-    return not getattr(p, "allreduce", True)
-
-
-def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """L2 norm of the whole model's (DP-reduced) gradient: TP-sharded parameters summed over TP, TP-replicated
-    ones counted once, expert parameters summed over EP. Identical on every rank."""
-    device = params[0].main_grad.device
-    dense = torch.zeros((), dtype=torch.float64, device=device)
-    expert = torch.zeros((), dtype=torch.float64, device=device)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    for p in params:
-        sq = p.main_grad.double().pow(2).sum()
-        if _is_expert(p):
-            expert += sq
-        elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            dense += sq
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(dense, group=parallel_state.get_tensor_model_parallel_group())
-    if parallel_state.get_expert_model_parallel_world_size() > 1:
-        dist.all_reduce(expert, group=parallel_state.get_expert_model_parallel_group())
-    return (dense + expert).sqrt()
+# Cost model
 
 
 def active_parameters(model: torch.nn.Module) -> float:
@@ -297,7 +219,7 @@ def active_parameters(model: torch.nn.Module) -> float:
     for name, p in model.named_parameters():
         if name.startswith("embedding."):
             continue
-        if _is_expert(p):
+        if is_expert_parameter(p):
             total += p.numel() * ep * cfg.moe_router_topk / cfg.num_moe_experts
         else:
             total += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
@@ -369,10 +291,17 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self._seed_everything(cfg.seed)
+        self.optimizer_implementation = optimizer_implementation(cfg)
+        self.student_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+            cfg.student.dtype, torch.bfloat16 if self.optimizer_implementation == "megatron" else torch.float32)
+        r = cfg.recompute
         student_parallel = ParallelConfig(tensor_parallel=cfg.parallel.tp, expert_parallel=cfg.parallel.ep,
                                           dispatcher=cfg.parallel.dispatcher,
                                           attention_backend=cfg.parallel.attention_backend,
-                                          make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY)
+                                          make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
+                                          params_dtype=self.student_dtype,
+                                          recompute=None if r.granularity == "none" else r.granularity,
+                                          recompute_method=r.method, recompute_num_layers=r.num_layers)
         initialize_parallel(student_parallel)
         if torch.cuda.is_available():
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
@@ -398,20 +327,20 @@ class Trainer:
                                                                                  student_parallel)
         teacher_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
             cfg.teacher.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        teacher_parallel = ParallelConfig(**{**student_parallel.__dict__, "params_dtype": teacher_dtype})
+        teacher_parallel = ParallelConfig(**{**student_parallel.__dict__, "params_dtype": teacher_dtype,
+                                             "recompute": None})
         self.teacher, self.teacher_config, _ = load_model(cfg.teacher.path, "teacher", teacher_parallel)
         self.teacher.eval().requires_grad_(False)
         self._check_pair()
         self.vocab_size = self.student_config.vocab_size
 
         self.frozen = apply_freeze(self.student, cfg)
-        self.ddp = DistributedDataParallel(self.student.config, DistributedDataParallelConfig(), self.student)
-        self.groups = parameter_groups(self.student, cfg)
-        self.params = [p for g in self.groups for p in g["params"]]
-        o = cfg.optimizer
-        self.optimizer = torch.optim.AdamW(
-            [{"params": g["params"], "lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"]}
-             for g in self.groups], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.ddp = DistributedDataParallel(
+            self.student.config, DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                use_distributed_optimizer=self.optimizer_implementation == "megatron" and cfg.optimizer.distributed),
+            self.student)
+        self.optimizer = build_optimizer(self.ddp, self.student, cfg, self.student_dtype)
 
         self.specs: list[LogitLoss] = cfg.logit_losses()
         self.loss_weights = [item.weight for item in cfg.losses.logits]
@@ -536,7 +465,7 @@ class Trainer:
                                        group=self.dp_group, dp_grad_average=True)
         self.ddp.train()
         self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         totals: dict[str, torch.Tensor] = {}
         bad = False
         for mb in batches:
@@ -551,8 +480,8 @@ class Trainer:
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value
         finalize_model_grads([self.ddp])
-        grad_norm = global_grad_norm(self.params)
-        flag = torch.tensor([float(bad or not torch.isfinite(grad_norm))], device=self.device)
+        grad_norm = self.optimizer.grad_norm()
+        flag = torch.tensor([float(bad or not math.isfinite(grad_norm))], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         skipped = bool(flag.item())
         lr = learning_rate(cfg, self.step)
@@ -561,16 +490,7 @@ class Trainer:
             self.skipped_total += 1
         else:
             self.consecutive_bad = 0
-            clip = cfg.optimizer.grad_clip
-            if clip > 0 and float(grad_norm) > clip:
-                scale = clip / (float(grad_norm) + 1e-6)
-                for p in self.params:
-                    p.main_grad.mul_(scale)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            for p in self.params:
-                p.grad = p.main_grad
-            self.optimizer.step()
+            self.optimizer.step(lr, grad_norm)
         tokens = torch.tensor([float(sum(mb.num_tokens for mb in batches)),
                                float(sum(mb.analysis_tokens for mb in batches)),
                                float(sum(mb.final_tokens for mb in batches))], device=self.device)
@@ -584,7 +504,7 @@ class Trainer:
                  "analysis_tokens": float(tokens[1]), "final_tokens": float(tokens[2])}
         if cfg.logging.peak_tflops:
             extra["mfu"] = self.flops_per_token * extra["tokens_per_s"] / (self.world * cfg.logging.peak_tflops * 1e12)
-        record = StepRecord(self.step, total, components, float(grad_norm), skipped, lr, extra)
+        record = StepRecord(self.step, total, components, grad_norm, skipped, lr, extra)
         self.step += 1
         return record
 
@@ -628,7 +548,8 @@ class Trainer:
     def _trainer_state(self) -> dict:
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "consecutive_bad": self.consecutive_bad,
-            "skipped_total": self.skipped_total, "optimizer": self.optimizer.state_dict(),
+            "skipped_total": self.skipped_total,
+            "optimizer": None if self.optimizer.sharded else self.optimizer.state_dict(),
             "sampler": self.stream.state_dict(),
             "layout": {"world": self.world, "tp": self.tp_size, "ep": self.config.parallel.ep},
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
@@ -650,7 +571,13 @@ class Trainer:
                              "layout (start a new stage from it with student.megatron to change it)")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.consecutive_bad, self.skipped_total = state["consecutive_bad"], state["skipped_total"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer.sharded:
+            self.optimizer.load(directory / "optimizer", self.student.sharded_state_dict())
+        elif state["optimizer"] is None:
+            raise ValueError(f"{path}: the optimizer state is in {directory / 'optimizer'} (Megatron's optimizer); "
+                             "resume with optimizer.implementation megatron")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["sampler"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
@@ -670,7 +597,8 @@ class Trainer:
         metadata = {
             "format_version": FORMAT_VERSION, "role": "student", "hf_config": self.student_config_dict,
             "source": str(self.config.student.megatron or self.config.student.hf), "stage": self.config.stage,
-            "tokens_seen": self.tokens_seen, "dtype": "fp32", "step": self.step,
+            "tokens_seen": self.tokens_seen, "dtype": {torch.bfloat16: "bf16"}.get(self.student_dtype, "fp32"),
+            "step": self.step,
             "layout": {"written_tp": self.tp_size, "written_ep": self.config.parallel.ep,
                        "target_tp": self.tp_size, "target_ep": self.config.parallel.ep,
                        "make_vocab_size_divisible_by": VOCAB_DIVISIBLE_BY},
@@ -678,6 +606,8 @@ class Trainer:
         sharded = self.student.sharded_state_dict()
         sharded[METADATA_KEY] = metadata
         dist_checkpointing.save(sharded, str(tmp))
+        if self.optimizer.sharded:
+            self.optimizer.save(tmp / "optimizer", self.student.sharded_state_dict())
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(self._trainer_state(), tmp / "trainer" / f"rank_{self.rank:05d}.pt")
         dist.barrier()
