@@ -34,36 +34,6 @@ def _stage(config_path: Path, overrides: list[str]):
     return config
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _plot(stages: dict[str, list[dict]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "eval/forward_kl")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    offset = 0
-    for name, rows in stages.items():
-        for ax, key in zip(axes, keys):
-            points = [(r["step"] + offset, r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=name)
-        offset += max((r["step"] for r in rows), default=0)
-    for ax, key in zip(axes, keys):
-        ax.set_title(key)
-        ax.set_xlabel("step (stages concatenated)")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 def run_demo(output: Path, steps_a: int = 10, steps_b: int = 10, max_new_tokens: int = 48, force: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -132,8 +102,10 @@ def run_demo(output: Path, steps_a: int = 10, steps_b: int = 10, max_new_tokens:
     compliance = summarize((p, check_tokens(r.tokens, mode="generation")) for p, r in zip(DEMO_PROMPTS, replies))
     done("generate")
 
-    metrics = {name: _read_metrics(output / "logs" / name / "metrics.jsonl") for name in ("stage_a", "stage_b")}
-    _plot(metrics, output / "loss_curves.png")
+    from .train.metrics import plot_loss_curves, read_metrics
+
+    metrics = {name: read_metrics(output / "logs" / name / "metrics.jsonl") for name in ("stage_a", "stage_b")}
+    plot_loss_curves(metrics, output / "loss_curves.png")
     last_b = [r for r in metrics["stage_b"] if "train/loss" in r][-1]
     router = {k: v for k, v in last_b.items() if k.startswith("router/") and "/expert_" not in k}
     report = {

@@ -36,11 +36,12 @@ def resolve_megatron_dir(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def single_process_group():
-    """A world-size-1 gloo group for Megatron's dist-checkpointing APIs; reuses an existing group."""
+def single_process_group(backend: str = "gloo"):
+    """A world-size-1 process group (gloo: enough for Megatron's dist-checkpointing APIs; nccl: for GPU training,
+    whose reduce-scatters gloo lacks); reuses an existing group."""
     owned = not torch.distributed.is_initialized()
     if owned:
-        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:

@@ -121,3 +121,35 @@ class MetricsSink:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` written by :class:`MetricsSink`."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(stages: dict[str, list[dict]], out: Path) -> None:
+    """One PNG of loss/KL/CE/hidden/eval-KL curves, stages concatenated along the step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "eval/forward_kl")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    offset = 0
+    for name, rows in stages.items():
+        for ax, key in zip(axes, keys):
+            points = [(r["step"] + offset, r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=name)
+        offset += max((r["step"] for r in rows), default=0)
+    for ax, key in zip(axes, keys):
+        ax.set_title(key)
+        ax.set_xlabel("step (stages concatenated)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

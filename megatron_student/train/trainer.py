@@ -79,12 +79,13 @@ class TrainingStopped(RuntimeError):
 @contextlib.contextmanager
 def distributed_context():
     """torch.distributed from the launcher's environment (RANK/WORLD_SIZE/MASTER_ADDR: torchrun or Slurm) with
-    NCCL on GPU and gloo on CPU; a one-process gloo group when there is no launcher; an existing group as is."""
+    NCCL on GPU and gloo on CPU; a one-process group of the same backend when there is no launcher; an existing
+    group as is."""
     if dist.is_initialized():
         yield
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        with single_process_group():
+        with single_process_group("nccl" if torch.cuda.is_available() else "gloo"):
             yield
         return
     if torch.cuda.is_available():
@@ -502,6 +503,8 @@ class Trainer:
         total += sum(getattr(cfg.losses, k).weight * components[k] for k in ("hidden", "attention") if k in components)
         extra = {"tokens_per_s": float(tokens[0]) / elapsed, "step_seconds": elapsed,
                  "analysis_tokens": float(tokens[1]), "final_tokens": float(tokens[2])}
+        if torch.cuda.is_available():
+            extra["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.logging.peak_tflops:
             extra["mfu"] = self.flops_per_token * extra["tokens_per_s"] / (self.world * cfg.logging.peak_tflops * 1e12)
         record = StepRecord(self.step, total, components, grad_norm, skipped, lr, extra)
