@@ -8,27 +8,40 @@ checkpoint loads at every TP whose padding agrees (padded_vocab_size equal). ``-
 checked against the head and expert counts. The layout goes with a metadata record in the common state
 (``METADATA_KEY``: role, HF config, source, stage, tokens seen, layout, dtype) that the HF export reads back.
 
-Tensor mapping: ``megatron.weights.hf_to_megatron_state_dict`` fed by a lazy reader (one HF tensor, or one
-layer's expert tensors, in memory at a time). Output: Megatron-LM's layout ``<out>/release/`` +
+Streaming: the model is built on the meta device, only for its ``sharded_state_dict`` (keys, global shapes,
+sharding, dtypes). The tensors are made while ``streaming_save.StreamingSaveStrategy`` writes them, one unit at a
+time (a decoder layer, the embedding, the final norm, the output layer): the unit's parameters are materialised on
+CPU and filled by ``megatron.weights.hf_to_megatron_state_dict`` from a lazy HF reader (the other units' HF tensors
+are shape-only meta placeholders), the model's ``sharded_state_dict`` cuts them into checkpoint shards, and the
+parameters go back to meta; each unit gets its own ``.distcp`` file. Peak memory: one unit in the checkpoint dtype
+plus the HF tensors it is made from (a layer's expert tensors, dequantised for MXFP4), whatever the model size. The
+checkpoint equals Megatron's default save of the fully loaded model. Output: Megatron-LM's layout ``<out>/release/`` +
 ``latest_checkpointed_iteration.txt``, written to a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import shutil
 import tempfile
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import transformers
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import apply_factories
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
-from ..megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
+from ..megatron import ParallelConfig, build_student, build_teacher, hf_to_megatron_state_dict, initialize_parallel
 from ..megatron import restore_fp32_parameters
 from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM
@@ -36,6 +49,8 @@ from ..teacher import TeacherCheckpoint
 from ..teacher.checkpoint import stored_tensor_files
 from ..teacher.config import CONFIG_NAME
 from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
+from .megatron_to_hf import megatron_source
+from .streaming_save import StreamingSaveStrategy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VOCAB_DIVISIBLE_BY = 128  # ParallelConfig.make_vocab_size_divisible_by
@@ -91,6 +106,96 @@ class LazyState(Mapping):
         return len(self._names)
 
 
+class _OnMetaDevice(TorchFunctionMode):
+    """Sends tensors created on a named device to the meta device; ``torch.device("meta")`` covers the unnamed
+    ones. Needed because our layers create their parameters on an explicit CPU/CUDA device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Every tensor created inside is a meta tensor: a model of any size is built without memory or init time."""
+    with torch.device("meta"), _OnMetaDevice():
+        yield
+
+
+_LAYER_UNIT = re.compile(r"^decoder\.layers\.\d+(?=\.)")
+
+
+def unit_of(name: str) -> str:
+    """The streaming unit (a module path) of a Megatron parameter name or checkpoint key: its decoder layer
+    (``decoder.layers.N``), or outside the layers the module holding it (``embedding.word_embeddings``, …)."""
+    match = _LAYER_UNIT.match(name)
+    return match.group(0) if match else name.rsplit(".", 1)[0]
+
+
+class UnitState(Mapping):
+    """The HF checkpoint as ``hf_to_megatron_state_dict`` sees it while one unit is converted: the unit's tensors
+    read lazily, every other tensor a shape-only meta placeholder, so the mapping runs over the whole model but
+    reads and converts only this unit (whose parameters are the only ones off the meta device)."""
+
+    def __init__(self, tensors: LazyState, placeholders: dict[str, torch.Tensor], unit_names: set[str]):
+        self.tensors, self.placeholders, self.unit_names = tensors, placeholders, unit_names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name] if name in self.unit_names else self.placeholders[name]
+
+    def __iter__(self):
+        return iter(self.placeholders)
+
+    def __len__(self) -> int:
+        return len(self.placeholders)
+
+
+def _replace_parameters(module: torch.nn.Module, make: Callable[[torch.nn.Parameter], torch.Tensor]) -> None:
+    """Swap every parameter of ``module`` for ``make(parameter)`` (a meta parameter cannot take CPU data in
+    place), keeping the attributes Megatron and our layers set on parameters (TP axis, keep_fp32, …)."""
+    for sub in module.modules():
+        for leaf, param in list(sub.named_parameters(recurse=False)):
+            new = torch.nn.Parameter(make(param), requires_grad=param.requires_grad)
+            new.__dict__.update(param.__dict__)
+            setattr(sub, leaf, new)
+
+
+class StreamedShards:
+    """The checkpoint shards of a meta-device ``model``, made from the HF checkpoint one unit at a time (see the
+    module docstring). ``pop(key, global_offset)`` hands each shard out once; asking for a shard of another unit
+    builds that unit (the previous one is used up by then)."""
+
+    def __init__(self, model: torch.nn.Module, reader):
+        self.model, self.reader = model, reader
+        self.placeholders = {name: torch.empty(reader.shape(name), device="meta") for name in reader.tensor_names()}
+        self.hf_names: dict[str, set[str]] = defaultdict(set)  # unit -> the HF tensors it is made from
+        for name, placeholder in self.placeholders.items():
+            self.hf_names[unit_of(megatron_source(name, tuple(placeholder.shape))[0])].add(name)
+        self.shards: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def pop(self, key: str, global_offset: tuple[int, ...]) -> torch.Tensor:
+        if (key, global_offset) not in self.shards:
+            self.shards = {}  # the previous unit is written: drop it before building the next
+            self.shards = self._build(unit_of(key))
+        return self.shards.pop((key, global_offset))
+
+    def _build(self, unit: str) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
+        module = self.model.get_submodule(unit)
+        _replace_parameters(module, lambda p: torch.empty(p.shape, dtype=p.dtype))  # CPU targets: converted for real
+        hf_state = UnitState(LazyState(self.reader), self.placeholders, self.hf_names[unit])
+        state = hf_to_megatron_state_dict(self.model, hf_state)
+        for name, param in module.named_parameters(prefix=unit):
+            param.data = state[name]
+        sharded = self.model.sharded_state_dict()
+        apply_factories(sharded)  # e.g. the [gate; up] split of the experts' linear_fc1
+        shards = {(t.key, tuple(t.global_offset)): t.data.detach() for t in nested_values(sharded)
+                  if isinstance(t, ShardedTensor) and unit_of(t.key) == unit}
+        _replace_parameters(module, lambda p: torch.empty_like(p, device="meta"))
+        return shards
+
+
 def open_hf_checkpoint(directory: str | Path, role: str):
     """(reader, HF config, config dict) after checking model_type, quantisation and every tensor name and shape
     against the model the config describes."""
@@ -141,8 +246,6 @@ def check_layout(config, tp: int, ep: int) -> None:
 def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str, tp: int = 1, ep: int = 1,
                            dtype: str = "bf16", force: bool = False) -> dict:
     """Write the Megatron checkpoint; returns its metadata record plus ``bytes`` and ``seconds``."""
-    from megatron.core import dist_checkpointing
-
     if role not in MODEL_TYPES:
         raise ConversionError(f"--role {role!r}: choose one of {sorted(MODEL_TYPES)}")
     if tp < 1 or ep < 1:
@@ -165,14 +268,15 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
         with single_process_group():
             parallel = ParallelConfig(params_dtype=DTYPES[dtype], make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY * tp)
             initialize_parallel(parallel)
-            model = build_student(config, parallel) if role == "student" else build_teacher(config, parallel)
+            with meta_device():  # structure only; StreamedShards makes the data unit by unit
+                model = build_student(config, parallel) if role == "student" else build_teacher(config, parallel)
             restore_fp32_parameters(model)  # router and KDA decay parameters stay fp32, as in training
-            load_hf_weights(model, LazyState(reader))
             nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
             sharded = model.sharded_state_dict()
             sharded[METADATA_KEY] = metadata
             (tmp / RELEASE_NAME).mkdir()
-            dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME))
+            strategy = StreamingSaveStrategy(StreamedShards(model, reader).pop, unit_of)
+            dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME), sharded_strategy=strategy)
             del model, sharded
         (tmp / TRACKER_NAME).write_text(RELEASE_NAME + "\n")
         tmp.chmod(0o755)  # mkdtemp creates it 0700
