@@ -40,7 +40,8 @@ class RouterStats:
         def hook(module, args, output):
             if self.enabled:
                 routing_map = output[1]
-                self.counts[layer] += routing_map.detach().sum(0).to(device="cpu", dtype=torch.float64)
+                counts = routing_map.detach().sum(0).to(torch.float64)  # stays on the device: no sync per layer
+                self.counts[layer] = self.counts[layer].to(counts.device) + counts
         return hook
 
     def report(self, group=None) -> tuple[dict[str, float], list[str]]:
@@ -49,7 +50,8 @@ class RouterStats:
         names = sorted(self.counts, key=lambda n: int(n.split("_")[-1]))
         stacked = torch.stack([self.counts[n] for n in names])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)  # counts live where NCCL/gloo expects them
+        stacked = stacked.cpu()
         scalars, collapsing = {}, []
         for name, counts in zip(names, stacked):
             self.counts[name].zero_()

@@ -164,16 +164,26 @@ class MegatronAdam:
         o = config.optimizer
         self.groups = parameter_groups(model, config)
         self.clip = o.grad_clip
+        # One Megatron group per (our group, fp32 or not). The split by dtype works around megatron-core 0.16.1's
+        # distributed optimizer, which finds a parameter's main copy and Adam state by its position in its group
+        # (model_param_group_index_map) but lists a group's bf16-derived main params before its fp32 ones: in a
+        # group mixing the kept-fp32 router/KDA parameters with bf16 ones, its checkpoint pairs parameters with
+        # the wrong state. Dtype-homogeneous groups keep both orders equal.
         index_of = {id(p): i for i, g in enumerate(self.groups) for p in g["params"]}
         overrides = {
             ParamKey(with_name_predicate=ParamWithNamePredicate(
-                name=f"group_{i}", fn=lambda param, name, i=i: index_of.get(id(param)) == i)): {"group_index": i}
-            for i in range(len(self.groups))}
+                name=f"group_{i}_{'fp32' if fp32 else 'model_dtype'}",
+                fn=lambda param, name, i=i, fp32=fp32: index_of.get(id(param)) == i
+                and (param.dtype == torch.float32) == fp32)): {"group_index": i, "fp32": fp32}
+            for i in range(len(self.groups)) for fp32 in (False, True)}
         self.config = OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=config.schedule.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip,
             bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=o.distributed)
         self.optimizer = get_megatron_optimizer(self.config, [ddp], config_overrides=overrides)
+        # Our group per Megatron group, by position: a resumed optimizer's group dicts come from the checkpoint,
+        # matched on Megatron's identity keys (wd_mult, lr_mult, ...), which do not tell our groups apart.
+        self.group_specs = [self.groups[g["group_index"]] for g in self.optimizer.param_groups]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -185,8 +195,7 @@ class MegatronAdam:
     def step(self, lr: float, grad_norm: float) -> None:
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-        for group in self.optimizer.param_groups:
-            spec = self.groups[group["group_index"]]
+        for group, spec in zip(self.optimizer.param_groups, self.group_specs):
             group["lr"] = lr * spec["lr_scale"]
             group["weight_decay"] = spec["weight_decay"]
         if self.clip > 0:
@@ -196,16 +205,38 @@ class MegatronAdam:
                     clip_grad_by_total_norm_fp32(params, self.clip, grad_norm)
         self.optimizer.step_with_ready_grads()
 
+    # The distributed optimizer's state format. 0.16.1's default, 'fully_sharded_model_space', builds ShardedTensors
+    # with flattened_range, which its own dist_checkpointing rejects; 'dp_reshardable' (Megatron-LM's default)
+    # saves each rank's buffers in parallel and reshards over DP only: resume keeps TP/EP anyway.
+    CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
     def save(self, directory: Path, model_sharded_state: dict) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(self.optimizer.sharded_state_dict(model_sharded_state), str(directory))
+        sharded = self.optimizer.sharded_state_dict(model_sharded_state, metadata=self.CHECKPOINT_METADATA)
+        dist_checkpointing.save(sharded, str(directory))
 
     def load(self, directory: Path, model_sharded_state: dict) -> None:
         if not (directory / "metadata.json").is_file():
             raise FileNotFoundError(f"{directory}: no Megatron optimizer checkpoint (was the checkpoint written with "
                                     "optimizer.implementation torch?)")
-        sharded = self.optimizer.sharded_state_dict(model_sharded_state, is_loading=True)
+        self._materialise_adam_state()
+        sharded = self.optimizer.sharded_state_dict(model_sharded_state, is_loading=True,
+                                                    metadata=self.CHECKPOINT_METADATA)
         self.optimizer.load_state_dict(dist_checkpointing.load(sharded, str(directory)))
+
+    def _materialise_adam_state(self) -> None:
+        """Zero Adam state, as torch AdamW creates it on its first step. megatron-core 0.16.1's distributed
+        optimizer reads every parameter's ``step`` while building the state dict to load into (``state_dict()``,
+        asserting one common step), which a fresh torch AdamW has not created yet; the load overwrites it all."""
+        for part in self.optimizer.chained_optimizers:
+            inner = getattr(part, "optimizer", None)
+            if inner is None:
+                continue
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p].update(step=torch.zeros((), dtype=torch.float32),
+                                              exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
 
 def optimizer_implementation(config: TrainConfig) -> str:
