@@ -25,6 +25,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ..teacher.config import swiglu_limit
+
 LAYER_KINDS = ("swa_tpa", "kda", "softmax_sliding", "softmax_full")
 TEACHER_LAYER_TYPES = ("sliding_attention", "full_attention")
 KDA_HEAD_MAPPINGS = ("A", "B", "C")
@@ -152,6 +154,7 @@ class StudentConfig(PretrainedConfig):
     def from_teacher(cls, teacher_config, plan: dict | None = None, teacher_name_or_path: str | None = None):
         teacher = teacher_config.to_dict() if hasattr(teacher_config, "to_dict") else dict(teacher_config)
         fields = {name: teacher[name] for name in TEACHER_FIELDS if name in teacher}
+        fields["swiglu_limit"] = swiglu_limit(teacher)
         return cls(plan=plan, teacher_name_or_path=teacher_name_or_path, **fields)
 
     # Derived quantities: one place, so HF, Megatron and the converters agree.

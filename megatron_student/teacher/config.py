@@ -20,6 +20,16 @@ SUPPORTED_QUANT_METHODS = ("mxfp4",)
 # The highest Harmony special token (<|call|> = 200012 is a stop token; <|endofprompt|> = 200018).
 HARMONY_MAX_TOKEN_ID = 200018
 YARN_KEYS = ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings")
+# gpt-oss's SwiGLU clamp. Released config.json files carry it as `swiglu_limit`, and so does transformers 5.24's
+# GptOssConfig; transformers 5.17's has no such field (its experts use a fixed 7.0), so a config built there
+# without the key falls back to the released value.
+GPT_OSS_SWIGLU_LIMIT = 7.0
+
+
+def swiglu_limit(config) -> float:
+    """The SwiGLU clamp of a gpt-oss-shaped config object or dict."""
+    value = config.get("swiglu_limit") if isinstance(config, dict) else getattr(config, "swiglu_limit", None)
+    return float(GPT_OSS_SWIGLU_LIMIT if value is None else value)
 
 
 class TeacherConfigError(ValueError):

@@ -222,7 +222,9 @@ class MegatronAdam:
         self._materialise_adam_state()
         sharded = self.optimizer.sharded_state_dict(model_sharded_state, is_loading=True,
                                                     metadata=self.CHECKPOINT_METADATA)
-        self.optimizer.load_state_dict(dist_checkpointing.load(sharded, str(directory)))
+        state = dist_checkpointing.load(sharded, str(directory))
+        with torch.no_grad():  # fp32 main params of fp32 model params are views of those (grad-requiring) leaves
+            self.optimizer.load_state_dict(state)
 
     def _materialise_adam_state(self) -> None:
         """Zero Adam state, as torch AdamW creates it on its first step. megatron-core 0.16.1's distributed
