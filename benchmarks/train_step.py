@@ -99,7 +99,8 @@ def main() -> None:
 
     config = student_config()
     torch.manual_seed(0)
-    hf = StudentForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    with torch.device("cuda"):  # initialise on the GPU: minutes on the CPU at this size
+        hf = StudentForCausalLM(config).to(torch.bfloat16)
     for module in hf.modules():  # A_log / dt_bias stay fp32 as in a loaded checkpoint
         for name in ("A_log", "dt_bias"):
             if hasattr(module, name):
@@ -111,7 +112,9 @@ def main() -> None:
     megatron.train()
     params = active_matmul_params(hf, config)
 
-    rows = []
+    print(f"{torch.cuda.get_device_name()}, bf16, 4 layers at gpt-oss-20b width, {params / 1e9:.2f}B active matmul "
+          f"params, peak {args.peak_tflops:.0f} TFLOP/s")
+    print(f"{'path':<10}{'T':>7}{'tokens/s':>12}{'MFU':>8}{'ms/step':>10}{'peak GiB':>10}", flush=True)
     for length in args.lengths:
         tokens = torch.randint(0, config.vocab_size, (1, length + 1), device="cuda")
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -129,14 +132,10 @@ def main() -> None:
         for name, step in (("hf", hf_step), ("megatron", megatron_step)):
             torch.cuda.reset_peak_memory_stats()
             seconds = timed(step, args.iters)
-            rows.append((name, length, length / seconds, flops / seconds / (args.peak_tflops * 1e12),
-                         seconds * 1e3, torch.cuda.max_memory_allocated() / 2**30))
-
-    print(f"{torch.cuda.get_device_name()}, bf16, 4 layers at gpt-oss-20b width, {params / 1e9:.2f}B active matmul params, "
-          f"peak {args.peak_tflops:.0f} TFLOP/s")
-    print(f"{'path':<10}{'T':>7}{'tokens/s':>12}{'MFU':>8}{'ms/step':>10}{'peak GiB':>10}")
-    for name, length, tps, mfu, ms, gib in rows:
-        print(f"{name:<10}{length:>7}{tps:>12.0f}{mfu:>8.1%}{ms:>10.1f}{gib:>10.1f}")
+            mfu = flops / seconds / (args.peak_tflops * 1e12)
+            gib = torch.cuda.max_memory_allocated() / 2**30
+            print(f"{name:<10}{length:>7}{length / seconds:>12.0f}{mfu:>8.1%}{seconds * 1e3:>10.1f}{gib:>10.1f}",
+                  flush=True)
     torch.distributed.destroy_process_group()
 
 

@@ -225,15 +225,23 @@ class MegatronAdam:
         state = dist_checkpointing.load(sharded, str(directory))
         with torch.no_grad():  # fp32 main params of fp32 model params are views of those (grad-requiring) leaves
             self.optimizer.load_state_dict(state)
+        # 0.16.1's distributed-optimizer load gives every parameter the same `step` tensor; torch AdamW increments
+        # each parameter's step in place, so a shared one would advance once per parameter per step.
+        for inner in self._torch_optimizers():
+            for param_state in inner.state.values():
+                if "step" in param_state:
+                    param_state["step"] = param_state["step"].clone()
+
+    def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch AdamW inside each chained part (a part without parameters on this rank has none)."""
+        return [part.optimizer for part in self.optimizer.chained_optimizers
+                if getattr(part, "optimizer", None) is not None]
 
     def _materialise_adam_state(self) -> None:
         """Zero Adam state, as torch AdamW creates it on its first step. megatron-core 0.16.1's distributed
         optimizer reads every parameter's ``step`` while building the state dict to load into (``state_dict()``,
         asserting one common step), which a fresh torch AdamW has not created yet; the load overwrites it all."""
-        for part in self.optimizer.chained_optimizers:
-            inner = getattr(part, "optimizer", None)
-            if inner is None:
-                continue
+        for inner in self._torch_optimizers():
             for group in inner.param_groups:
                 for p in group["params"]:
                     if not inner.state[p]:
