@@ -1,6 +1,10 @@
 """GPU (H100/H200): Megatron-Core student and teacher at gpt-oss-20b width (hidden 2880, 64/8 heads of 64, 32 experts
 top-4, 2 layers) in bf16: forward+backward at T = 8192 is finite, and short-sequence logits match the fp32 CPU HF
-reference within bf16 tolerance. Skipped without CUDA (tests/conftest.py)."""
+reference within bf16 tolerance. Skipped without CUDA (tests/conftest.py).
+
+bf16 tolerance is measured, not guessed: with O(1) random weights the router has near-ties, so bf16 rounding flips
+some tokens' expert choices and moves their logits a lot (the HF teacher in bf16 on CPU is 13% off its own fp32
+logits, median token 4%). The bound is the reference implementation's own bf16 error on the same input."""
 
 import os
 
@@ -14,7 +18,6 @@ pytestmark = pytest.mark.gpu
 WIDTH = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
              num_local_experts=32, num_experts_per_tok=4, num_hidden_layers=2, sliding_window=128, vocab_size=8192)
 LONG, SHORT = 8192, 512
-BF16_REL = 3e-2  # two bf16 layers + bf16 logits against an fp32 reference
 
 
 def gpt_oss_20b_width_config():
@@ -75,8 +78,12 @@ def test_gpt_oss_20b_width_bf16(megatron_gpu, which):
     with torch.no_grad():
         ours = model(short.cuda(), None, None)[..., :vocab].float().cpu()
         reference = hf(short).logits
+        reference_bf16 = hf.to(torch.bfloat16)(short).logits.float()
     assert torch.isfinite(ours).all()
-    assert rel(ours, reference) < BF16_REL, f"{which}: bf16 Megatron vs fp32 HF rel {rel(ours, reference):.3g}"
+    bound = 1.5 * rel(reference_bf16, reference) + 1e-2
+    print(f"{which}: bf16 Megatron (GPU) vs fp32 HF rel {rel(ours, reference):.4f}; bf16 HF (CPU) vs fp32 HF rel "
+          f"{rel(reference_bf16, reference):.4f}; bound {bound:.4f}")
+    assert rel(ours, reference) < bound, f"{which}: bf16 Megatron vs fp32 HF rel {rel(ours, reference):.3g} > {bound:.3g}"
     del hf
 
     model.train()

@@ -358,13 +358,14 @@ def init_kda_extras(module: KdaAttention, generator: torch.Generator, dt_min=1e-
         for name in ("q", "k", "v"):
             conv_identity_(getattr(module, f"{name}_conv_weight"))
         module.A_log.zero_()
-        u = torch.rand(module.dt_bias.shape, generator=generator, dtype=torch.float64)
+        # Draws on the generator's device (CPU), whatever the default device, then copied into place.
+        u = torch.rand(module.dt_bias.shape, generator=generator, dtype=torch.float64, device=generator.device)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        module.f_a_proj.weight.copy_(torch.randn(module.f_a_proj.weight.shape, generator=generator) / math.sqrt(module.f_a_proj.in_features))
+        module.f_a_proj.weight.copy_(torch.randn(module.f_a_proj.weight.shape, generator=generator, device=generator.device) / math.sqrt(module.f_a_proj.in_features))
         module.f_b_proj.weight.zero_()
         module.b_proj.weight.zero_()
-        module.g_a_proj.weight.copy_(torch.randn(module.g_a_proj.weight.shape, generator=generator) / math.sqrt(module.g_a_proj.in_features))
+        module.g_a_proj.weight.copy_(torch.randn(module.g_a_proj.weight.shape, generator=generator, device=generator.device) / math.sqrt(module.g_a_proj.in_features))
         module.g_b_proj.weight.zero_()
         module.g_b_proj.bias.fill_(4.0)
         module.o_norm_weight.fill_(1.0)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from .config import ConfigError, TrainConfig
 
@@ -107,8 +106,6 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
 class TorchAdamW:
     """torch AdamW on the DDP ``main_grad`` buffers (fp32 student). Its state goes into the per-rank trainer file."""
 
-    sharded = False
-
     def __init__(self, model: torch.nn.Module, config: TrainConfig):
         o = config.optimizer
         if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
@@ -149,10 +146,13 @@ class MegatronAdam:
     """Megatron-Core's Adam (decoupled weight decay) from ``get_megatron_optimizer``: a ChainedOptimizer over the
     dense and the expert-parallel parameters, mixed precision for a bf16 student (fp32 main weights), the
     distributed optimizer when ``optimizer.distributed``. Our parameter groups become Megatron config overrides
-    (one ``group_index`` each) so that every Megatron group maps back to one ``lr_scale``/weight decay. Its state
-    is a torch_dist checkpoint of its own (``sharded_state_dict`` over the model's), saved beside the model's."""
+    (one ``group_index`` each) so that every Megatron group maps back to one ``lr_scale``/weight decay.
 
-    sharded = True
+    Its state goes into the per-rank trainer file like torch AdamW's: each chained part's inner torch AdamW state
+    and its fp32 main parameters (this rank's shard). megatron-core 0.16.1's own ``sharded_state_dict`` formats
+    do not round-trip here (its default builds ShardedTensors its dist_checkpointing rejects; 'dp_reshardable'
+    cannot be loaded into a fresh torch AdamW and resumes with a different trajectory), and resume keeps the
+    layout anyway."""
 
     def __init__(self, ddp: torch.nn.Module, model: torch.nn.Module, config: TrainConfig, dtype: torch.dtype):
         from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
@@ -164,25 +164,16 @@ class MegatronAdam:
         o = config.optimizer
         self.groups = parameter_groups(model, config)
         self.clip = o.grad_clip
-        # One Megatron group per (our group, fp32 or not). The split by dtype works around megatron-core 0.16.1's
-        # distributed optimizer, which finds a parameter's main copy and Adam state by its position in its group
-        # (model_param_group_index_map) but lists a group's bf16-derived main params before its fp32 ones: in a
-        # group mixing the kept-fp32 router/KDA parameters with bf16 ones, its checkpoint pairs parameters with
-        # the wrong state. Dtype-homogeneous groups keep both orders equal.
         index_of = {id(p): i for i, g in enumerate(self.groups) for p in g["params"]}
         overrides = {
             ParamKey(with_name_predicate=ParamWithNamePredicate(
-                name=f"group_{i}_{'fp32' if fp32 else 'model_dtype'}",
-                fn=lambda param, name, i=i, fp32=fp32: index_of.get(id(param)) == i
-                and (param.dtype == torch.float32) == fp32)): {"group_index": i, "fp32": fp32}
-            for i in range(len(self.groups)) for fp32 in (False, True)}
+                name=f"group_{i}", fn=lambda param, name, i=i: index_of.get(id(param)) == i)): {"group_index": i}
+            for i in range(len(self.groups))}
         self.config = OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=config.schedule.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip,
             bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=o.distributed)
         self.optimizer = get_megatron_optimizer(self.config, [ddp], config_overrides=overrides)
-        # Our group per Megatron group, by position: a resumed optimizer's group dicts come from the checkpoint,
-        # matched on Megatron's identity keys (wd_mult, lr_mult, ...), which do not tell our groups apart.
         self.group_specs = [self.groups[g["group_index"]] for g in self.optimizer.param_groups]
 
     def zero_grad(self) -> None:
@@ -205,48 +196,29 @@ class MegatronAdam:
                     clip_grad_by_total_norm_fp32(params, self.clip, grad_norm)
         self.optimizer.step_with_ready_grads()
 
-    # The distributed optimizer's state format. 0.16.1's default, 'fully_sharded_model_space', builds ShardedTensors
-    # with flattened_range, which its own dist_checkpointing rejects; 'dp_reshardable' (Megatron-LM's default)
-    # saves each rank's buffers in parallel and reshards over DP only: resume keeps TP/EP anyway.
-    CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-    def save(self, directory: Path, model_sharded_state: dict) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        sharded = self.optimizer.sharded_state_dict(model_sharded_state, metadata=self.CHECKPOINT_METADATA)
-        dist_checkpointing.save(sharded, str(directory))
-
-    def load(self, directory: Path, model_sharded_state: dict) -> None:
-        if not (directory / "metadata.json").is_file():
-            raise FileNotFoundError(f"{directory}: no Megatron optimizer checkpoint (was the checkpoint written with "
-                                    "optimizer.implementation torch?)")
-        self._materialise_adam_state()
-        sharded = self.optimizer.sharded_state_dict(model_sharded_state, is_loading=True,
-                                                    metadata=self.CHECKPOINT_METADATA)
-        state = dist_checkpointing.load(sharded, str(directory))
-        with torch.no_grad():  # fp32 main params of fp32 model params are views of those (grad-requiring) leaves
-            self.optimizer.load_state_dict(state)
-        # 0.16.1's distributed-optimizer load gives every parameter the same `step` tensor; torch AdamW increments
-        # each parameter's step in place, so a shared one would advance once per parameter per step.
-        for inner in self._torch_optimizers():
-            for param_state in inner.state.values():
-                if "step" in param_state:
-                    param_state["step"] = param_state["step"].clone()
-
     def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
         """The torch AdamW inside each chained part (a part without parameters on this rank has none)."""
         return [part.optimizer for part in self.optimizer.chained_optimizers
                 if getattr(part, "optimizer", None) is not None]
 
-    def _materialise_adam_state(self) -> None:
-        """Zero Adam state, as torch AdamW creates it on its first step. megatron-core 0.16.1's distributed
-        optimizer reads every parameter's ``step`` while building the state dict to load into (``state_dict()``,
-        asserting one common step), which a fresh torch AdamW has not created yet; the load overwrites it all."""
-        for inner in self._torch_optimizers():
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    if not inner.state[p]:
-                        inner.state[p].update(step=torch.zeros((), dtype=torch.float32),
-                                              exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    def state_dict(self) -> dict:
+        return {"parts": [{"adam": inner.state_dict(),
+                           "main_params": [p.detach().cpu() for g in inner.param_groups for p in g["params"]]}
+                          for inner in self._torch_optimizers()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        parts = self._torch_optimizers()
+        if len(parts) != len(state["parts"]):
+            raise ValueError(f"optimizer state has {len(state['parts'])} parts, this optimizer {len(parts)}")
+        with torch.no_grad():  # main params of fp32 model params are views of those grad-requiring leaves
+            for i, (inner, saved) in enumerate(zip(parts, state["parts"])):
+                params = [p for g in inner.param_groups for p in g["params"]]
+                shapes = [tuple(p.shape) for p in params]
+                if shapes != [tuple(t.shape) for t in saved["main_params"]]:
+                    raise ValueError(f"optimizer part {i}: saved main-parameter shards do not match this layout")
+                for p, value in zip(params, saved["main_params"]):
+                    p.copy_(value)
+                inner.load_state_dict(saved["adam"])
 
 
 def optimizer_implementation(config: TrainConfig) -> str:

@@ -20,9 +20,8 @@ Megatron's activation recompute of whole student layers.
 Checkpoints (``checkpoint.dir``, Megatron-LM layout ``iter_NNNNNNN/`` + ``latest_checkpointed_iteration.txt``):
 the model as torch_dist (reshardable; carries the converters' metadata record, so ``convert-megatron-to-hf``
 exports it and a next stage starts from it with ``student.megatron``), ``trainer/rank_NNNNN.pt`` per rank
-(step, sampler position, RNG states, guard counters, and the torch optimizer's state; resume needs the same world
-size, TP and EP), ``optimizer/`` (Megatron's optimizer state as torch_dist, when that optimizer is used) and
-``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed; the tracker is replaced atomically.
+(step, sampler position, RNG states, guard counters, optimizer state; resume needs the same world size, TP, EP
+and optimizer implementation) and ``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed; the tracker is replaced atomically.
 """
 
 from __future__ import annotations
@@ -552,9 +551,9 @@ class Trainer:
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "consecutive_bad": self.consecutive_bad,
             "skipped_total": self.skipped_total,
-            "optimizer": None if self.optimizer.sharded else self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "sampler": self.stream.state_dict(),
-            "layout": {"world": self.world, "tp": self.tp_size, "ep": self.config.parallel.ep},
+            "layout": self._layout(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         if torch.cuda.is_available():
@@ -562,25 +561,24 @@ class Trainer:
             state["rng"]["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
         return state
 
+    def _layout(self) -> dict:
+        """What a resume must share with the run that wrote the per-rank trainer files."""
+        return {"world": self.world, "tp": self.tp_size, "ep": self.config.parallel.ep,
+                "optimizer": self.optimizer_implementation}
+
     def _load_trainer_state(self, directory: Path) -> None:
         path = directory / "trainer" / f"rank_{self.rank:05d}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trainer state for rank {self.rank} (was the checkpoint written with "
                                     "a different world size?)")
         state = torch.load(path, weights_only=False)
-        layout = {"world": self.world, "tp": self.tp_size, "ep": self.config.parallel.ep}
+        layout = self._layout()
         if state["layout"] != layout:
             raise ValueError(f"{path}: written with {state['layout']}, resuming with {layout}; resume needs the same "
                              "layout (start a new stage from it with student.megatron to change it)")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.consecutive_bad, self.skipped_total = state["consecutive_bad"], state["skipped_total"]
-        if self.optimizer.sharded:
-            self.optimizer.load(directory / "optimizer", self.student.sharded_state_dict())
-        elif state["optimizer"] is None:
-            raise ValueError(f"{path}: the optimizer state is in {directory / 'optimizer'} (Megatron's optimizer); "
-                             "resume with optimizer.implementation megatron")
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["sampler"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
@@ -609,8 +607,6 @@ class Trainer:
         sharded = self.student.sharded_state_dict()
         sharded[METADATA_KEY] = metadata
         dist_checkpointing.save(sharded, str(tmp))
-        if self.optimizer.sharded:
-            self.optimizer.save(tmp / "optimizer", self.student.sharded_state_dict())
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(self._trainer_state(), tmp / "trainer" / f"rank_{self.rank:05d}.pt")
         dist.barrier()
