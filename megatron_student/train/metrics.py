@@ -137,8 +137,10 @@ def plot_loss_curves(stages: dict[str, list[dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "eval/forward_kl")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    keys = [k for k in ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "eval/forward_kl")
+            if any(k in r for rows in stages.values() for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    axes = axes[0]
     offset = 0
     for name, rows in stages.items():
         for ax, key in zip(axes, keys):
