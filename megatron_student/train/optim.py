@@ -22,7 +22,6 @@ from megatron.core import parallel_state
 from .config import ConfigError, TrainConfig
 
 
-
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base learning rate at (0-based) ``step``."""
     lr, s = config.optimizer.lr, config.schedule
@@ -146,7 +145,9 @@ class MegatronAdam:
     """Megatron-Core's Adam (decoupled weight decay) from ``get_megatron_optimizer``: a ChainedOptimizer over the
     dense and the expert-parallel parameters, mixed precision for a bf16 student (fp32 main weights), the
     distributed optimizer when ``optimizer.distributed``. Our parameter groups become Megatron config overrides
-    (one ``group_index`` each) so that every Megatron group maps back to one ``lr_scale``/weight decay.
+    (one ``group_index`` each); every Megatron group is mapped back to its ``lr_scale``/weight decay by position,
+    since a loaded checkpoint's group dicts are matched on Megatron's identity keys (wd_mult, lr_mult, ...), which
+    do not tell our groups apart.
 
     Its state goes into the per-rank trainer file like torch AdamW's: each chained part's inner torch AdamW state
     and its fp32 main parameters (this rank's shard). megatron-core 0.16.1's own ``sharded_state_dict`` formats
