@@ -10,39 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from megatron_student.data.manifest import load_manifest
-from megatron_student.data.prepare import prepare
-from megatron_student.student.surgery import init_student
-from megatron_student.teacher.tiny import make_tiny_teacher
-from megatron_student.train.config import config_from_dict
 from megatron_student.train.trainer import Trainer, distributed_context
 
+from test_train_loop import make_config, setup  # noqa: F401  (setup: the CPU trainer tests' module fixture)
+
 pytestmark = pytest.mark.gpu
-ASSETS = Path(__file__).resolve().parents[1] / "megatron_student" / "assets"
 REL = 2e-3  # GPU kernels (atomics in the MoE and KDA backward) are not bit-reproducible between runs
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_gpu")
-    make_tiny_teacher(root / "teacher", layers=2, dtype="fp32")
-    init_student(root / "teacher", root / "student")
-    prepare(load_manifest(ASSETS / "demo_manifest.yaml"), root / "data", 256, progress=False)
-    return root
+# Two micro-batches per step, weight decay with a no-decay half-LR group, warmup then cosine.
+GPU_RUN = ["data.global_batch=2", "optimizer.weight_decay=0.01",
+           "optimizer.param_groups=[{pattern: layernorm, weight_decay: 0.0, lr_scale: 0.5}]",
+           "schedule.warmup_steps=1", "schedule.decay=cosine"]
 
 
 def config(root: Path, run: str, overrides=()):
-    base = {
-        "stage": run, "steps": 4, "seed": 7,
-        "student": {"hf": str(root / "student")}, "teacher": {"path": str(root / "teacher"), "dtype": "fp32"},
-        "data": {"path": str(root / "data"), "seq_len": 256, "micro_batch": 1, "global_batch": 2},
-        "optimizer": {"lr": 1e-3, "freeze": ["^embedding\\."], "weight_decay": 0.01,
-                      "param_groups": [{"pattern": "layernorm", "weight_decay": 0.0, "lr_scale": 0.5}]},
-        "schedule": {"warmup_steps": 1, "decay": "cosine"},
-        "losses": {"logits": [{"kind": "forward_kl", "weight": 1.0}, {"kind": "ce", "weight": 0.1}]},
-        "checkpoint": {"dir": str(root / run / "ckpt")}, "logging": {"dir": str(root / run / "logs")},
-    }
-    return config_from_dict(base, list(overrides), source=f"<{run}>")
+    return make_config(root, run, [*GPU_RUN, *overrides])
 
 
 def fit(root, run, overrides=()):
