@@ -21,7 +21,8 @@ Checkpoints (``checkpoint.dir``, Megatron-LM layout ``iter_NNNNNNN/`` + ``latest
 the model as torch_dist (reshardable; carries the converters' metadata record, so ``convert-megatron-to-hf``
 exports it and a next stage starts from it with ``student.megatron``), ``trainer/rank_NNNNN.pt`` per rank
 (step, sampler position, RNG states, guard counters, optimizer state; resume needs the same world size, TP, EP
-and optimizer implementation) and ``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed; the tracker is replaced atomically.
+and optimizer implementation) and ``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed;
+the tracker is replaced atomically.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .metrics import MetricsSink, RouterStats
 from .optim import apply_freeze, build_optimizer, is_expert_parameter, learning_rate, optimizer_implementation
 
 VOCAB_DIVISIBLE_BY = 128
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class TrainingStopped(RuntimeError):
@@ -292,7 +294,7 @@ class Trainer:
         self.world = dist.get_world_size()
         self._seed_everything(cfg.seed)
         self.optimizer_implementation = optimizer_implementation(cfg)
-        self.student_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        self.student_dtype = DTYPES.get(
             cfg.student.dtype, torch.bfloat16 if self.optimizer_implementation == "megatron" else torch.float32)
         r = cfg.recompute
         student_parallel = ParallelConfig(tensor_parallel=cfg.parallel.tp, expert_parallel=cfg.parallel.ep,
@@ -325,8 +327,7 @@ class Trainer:
         student_source = self.resume_dir or cfg.student.megatron or cfg.student.hf
         self.student, self.student_config, self.student_config_dict = load_model(student_source, "student",
                                                                                  student_parallel)
-        teacher_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-            cfg.teacher.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        teacher_dtype = DTYPES.get(cfg.teacher.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         teacher_parallel = ParallelConfig(**{**student_parallel.__dict__, "params_dtype": teacher_dtype,
                                              "recompute": None})
         self.teacher, self.teacher_config, _ = load_model(cfg.teacher.path, "teacher", teacher_parallel)
@@ -598,7 +599,7 @@ class Trainer:
         metadata = {
             "format_version": FORMAT_VERSION, "role": "student", "hf_config": self.student_config_dict,
             "source": str(self.config.student.megatron or self.config.student.hf), "stage": self.config.stage,
-            "tokens_seen": self.tokens_seen, "dtype": {torch.bfloat16: "bf16"}.get(self.student_dtype, "fp32"),
+            "tokens_seen": self.tokens_seen, "dtype": next(k for k, v in DTYPES.items() if v == self.student_dtype),
             "step": self.step,
             "layout": {"written_tp": self.tp_size, "written_ep": self.config.parallel.ep,
                        "target_tp": self.tp_size, "target_ep": self.config.parallel.ep,
