@@ -188,7 +188,8 @@ def _build(hf_config, kinds: list[str], parallel: ParallelConfig, student: bool)
             parallel_state.get_expert_model_parallel_world_size() != parallel.expert_parallel:
         raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
     config = transformer_config(hf_config, parallel)
-    specs = [layer_spec(_attention_settings(hf_config, kind, parallel, student), swiglu_limit(hf_config)) for kind in kinds]
+    limit = swiglu_limit(hf_config)
+    specs = [layer_spec(_attention_settings(hf_config, kind, parallel, student), limit) for kind in kinds]
     offset = get_transformer_layer_offset(config)
     local = specs[offset: offset + get_num_layers_to_build(config)]
     block = TransformerBlockSubmodules(layer_specs=local, layer_norm=RMSNorm)
