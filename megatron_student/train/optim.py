@@ -58,22 +58,20 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     specs = config.optimizer.param_groups
     regexes = [re.compile(g.pattern) for g in specs]
     members: list[list] = [[] for _ in range(len(specs) + 1)]
-    names: list[list[str]] = [[] for _ in range(len(specs) + 1)]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         index = next((i for i, r in enumerate(regexes) if r.search(name)), len(specs))
         members[index].append(p)
-        names[index].append(name)
     groups = []
     for i, spec in enumerate(specs):
         if not members[i]:
             raise ConfigError(f"{config.source}: optimizer.param_groups[{i}].pattern: {spec.pattern!r} matches no "
                               "trainable student parameter (or only ones an earlier group took)")
         wd = config.optimizer.weight_decay if spec.weight_decay is None else spec.weight_decay
-        groups.append({"params": members[i], "names": names[i], "lr_scale": spec.lr_scale, "weight_decay": wd})
+        groups.append({"params": members[i], "lr_scale": spec.lr_scale, "weight_decay": wd})
     if members[-1]:
-        groups.append({"params": members[-1], "names": names[-1], "lr_scale": 1.0,
+        groups.append({"params": members[-1], "lr_scale": 1.0,
                        "weight_decay": config.optimizer.weight_decay})
     return groups
 
@@ -228,9 +226,3 @@ def optimizer_implementation(config: TrainConfig) -> str:
     if choice == "auto":
         return "megatron" if torch.cuda.is_available() else "torch"
     return choice
-
-
-def build_optimizer(ddp, model: torch.nn.Module, config: TrainConfig, dtype: torch.dtype):
-    if optimizer_implementation(config) == "megatron":
-        return MegatronAdam(ddp, model, config, dtype)
-    return TorchAdamW(model, config)

@@ -63,7 +63,7 @@ from ..ops.losses import (
 from ..student.config import StudentConfig
 from .config import ConfigError, TrainConfig, dump_config
 from .metrics import MetricsSink, RouterStats
-from .optim import apply_freeze, build_optimizer, is_expert_parameter, learning_rate, optimizer_implementation
+from .optim import MegatronAdam, TorchAdamW, apply_freeze, is_expert_parameter, learning_rate, optimizer_implementation
 
 VOCAB_DIVISIBLE_BY = 128
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -341,7 +341,8 @@ class Trainer:
                 grad_reduce_in_fp32=True,
                 use_distributed_optimizer=self.optimizer_implementation == "megatron" and cfg.optimizer.distributed),
             self.student)
-        self.optimizer = build_optimizer(self.ddp, self.student, cfg, self.student_dtype)
+        self.optimizer = (MegatronAdam(self.ddp, self.student, cfg, self.student_dtype)
+                          if self.optimizer_implementation == "megatron" else TorchAdamW(self.student, cfg))
 
         self.specs: list[LogitLoss] = cfg.logit_losses()
         self.loss_weights = [item.weight for item in cfg.losses.logits]
