@@ -81,8 +81,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("train_step.py needs a CUDA GPU")
 
-    from megatron.core import tensor_parallel
-
     from megatron_student.megatron import (ParallelConfig, build_student, initialize_parallel, load_hf_weights,
                                            restore_fp32_parameters)
     from megatron_student.student.modeling import StudentForCausalLM
@@ -95,7 +93,6 @@ def main() -> None:
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     parallel = ParallelConfig(params_dtype=torch.bfloat16, dispatcher="alltoall")
     initialize_parallel(parallel)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
 
     config = student_config()
     torch.manual_seed(0)

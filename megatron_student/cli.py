@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .kernels import configure_caches
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-teacher": ("megatron_student.teacher.tiny", "write a random gpt-oss-shaped HF checkpoint"),
     "init-student": ("megatron_student.student.surgery", "initialise an HF student from a gpt-oss teacher"),
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     name = argv[0]
+    configure_caches()  # before any kernel compiles: Triton/Inductor caches in one reusable place
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"megatron-student {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

@@ -80,11 +80,14 @@ def render_tiktoken_from_quicktok(ranks_path: Path) -> bytes:
     return b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens))
 
 
+def cache_home() -> Path:
+    """The project's cache directory: ``$MEGATRON_STUDENT_CACHE``, else ``~/.cache/megatron_student``."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "megatron_student"))
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "megatron_student"
-    )
-    return Path(root) / "tiktoken"
+    return cache_home() / "tiktoken"
 
 
 def materialise_vocab(cache_dir: Path) -> Path:

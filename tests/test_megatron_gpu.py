@@ -31,8 +31,6 @@ def gpt_oss_20b_width_config():
 
 @pytest.fixture(scope="module")
 def megatron_gpu():
-    from megatron.core import tensor_parallel
-
     from megatron_student.megatron import ParallelConfig, initialize_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -40,7 +38,6 @@ def megatron_gpu():
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     parallel = ParallelConfig(params_dtype=torch.bfloat16, dispatcher="alltoall")
     initialize_parallel(parallel)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
     yield parallel
     from megatron.core import parallel_state
 

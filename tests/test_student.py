@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_student.student.config import PlanError, StudentConfig
-from megatron_student.student.modeling import HARMONY_STOP_TOKEN_IDS, StudentForCausalLM
+from megatron_student.student.modeling import CACHE_FIELD, HARMONY_STOP_TOKEN_IDS, StudentForCausalLM
 from megatron_student.student.surgery import init_student
 from megatron_student.teacher import TeacherCheckpoint, make_tiny_teacher
 
@@ -114,10 +114,10 @@ def test_cached_decoding_matches_full_forward(tmp_path, teacher_dir):
     full = student(ids).logits
     prefill = 37
     outputs = student(ids[:, :prefill], use_cache=True)
-    cache, steps = outputs.cache, [outputs.logits]
+    cache, steps = getattr(outputs, CACHE_FIELD), [outputs.logits]
     for t in range(prefill, ids.shape[1]):
-        step = student(ids[:, t : t + 1], cache=cache, use_cache=True)
-        cache = step.cache
+        step = student(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = getattr(step, CACHE_FIELD)
         steps.append(step.logits)
     assert rel(torch.cat(steps, dim=1), full) < 1e-4
     # the SWA caches stay bounded by the window

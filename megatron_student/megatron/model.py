@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -59,8 +59,12 @@ class ParallelConfig:
         return self.tensor_parallel > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
 
 
-def initialize_parallel(parallel: ParallelConfig) -> None:
-    """Create Megatron's process groups for ``parallel`` (torch.distributed must be initialised; any backend)."""
+def initialize_parallel(parallel: ParallelConfig, seed: int = 0) -> None:
+    """Create Megatron's process groups for ``parallel`` (torch.distributed must be initialised; any backend) and,
+    with CUDA, seed Megatron's CUDA RNG tracker: building a model on the GPU draws its initial weights inside
+    ``get_cuda_rng_tracker().fork()``, which fails for a tracker nobody seeded. Every command that builds a
+    Megatron model comes through here, so the converters, the trainer and the benchmarks set it up alike (without
+    CUDA the fork is a no-op, see compat.py)."""
     compat.apply()
     if not torch.distributed.is_initialized():
         raise RuntimeError("initialize torch.distributed (e.g. init_process_group('nccl' or 'gloo')) first")
@@ -71,6 +75,8 @@ def initialize_parallel(parallel: ParallelConfig) -> None:
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=1,
     )
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig:

@@ -5,6 +5,8 @@ A sliding window of W keeps W keys including the current one (q − W < k ≤ q)
 
 Layout is [B, T, H, D]. Queries are the last Tq positions of the Tk keys: Tq == Tk when training, Tq < Tk
 when decoding against a cache. ``cu_seqlens`` (B = 1, packed) keeps attention inside each document.
+``key_mask`` [B, Tk] (bool) hides padding keys of left-padded batches; a query always sees itself, so a
+padding query's row stays finite (its output is discarded) and no NaN reaches the valid rows through V.
 On CUDA the fast path is FlexAttention with a block-sparse mask, the sinks folded in through the
 log-sum-exp (o·σ(lse − s)); on CPU an exact query-blocked reference computes in fp32.
 """
@@ -27,7 +29,7 @@ def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 
 
-def _check_shapes(q, k, v, sinks, cu_seqlens):
+def _check_shapes(q, k, v, sinks, cu_seqlens, key_mask=None):
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q [B,Tq,Hq,D] and k, v [B,Tk,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, Tq, Hq, D = q.shape
@@ -39,6 +41,8 @@ def _check_shapes(q, k, v, sinks, cu_seqlens):
         raise ValueError(f"sinks has shape {tuple(sinks.shape)}, expected [{Hq}] (one per query head)")
     if cu_seqlens is not None and (B != 1 or Tq != k.shape[1]):
         raise ValueError("cu_seqlens (packed documents) needs batch 1 and as many queries as keys")
+    if key_mask is not None and (key_mask.shape != (B, k.shape[1]) or key_mask.dtype != torch.bool):
+        raise ValueError(f"key_mask must be bool [B, Tk] = [{B}, {k.shape[1]}]; got {key_mask.dtype} {tuple(key_mask.shape)}")
 
 
 def sink_attention(
@@ -50,24 +54,28 @@ def sink_attention(
     scale: float | None = None,
     window: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention output [B, Tq, Hq, D]. ``sinks`` None gives plain softmax attention.
 
-    backend: "auto" (flex on CUDA for prefill/training, reference otherwise), "flex" or "reference".
+    backend: "auto" (flex on CUDA for unpadded prefill/training, reference otherwise), "flex" or "reference".
     """
-    _check_shapes(q, k, v, sinks, cu_seqlens)
+    _check_shapes(q, k, v, sinks, cu_seqlens, key_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "auto":
-        backend = "flex" if q.is_cuda and q.shape[1] >= 128 else "reference"
+        backend = "flex" if q.is_cuda and q.shape[1] >= 128 and key_mask is None else "reference"
     if backend == "flex":
+        if key_mask is not None:
+            raise ValueError("the flex backend takes no key_mask (padded batches run on the reference backend)")
         return _flex_sink_attention(q, k, v, sinks, scale, window, cu_seqlens)
     if backend == "reference":
-        return sink_attention_reference(q, k, v, sinks, scale=scale, window=window, cu_seqlens=cu_seqlens)
+        return sink_attention_reference(q, k, v, sinks, scale=scale, window=window, cu_seqlens=cu_seqlens,
+                                        key_mask=key_mask)
     raise ValueError(f"unknown attention backend {backend!r}; use auto, flex or reference")
 
 
-def sink_attention_reference(q, k, v, sinks, *, scale, window=None, cu_seqlens=None):
+def sink_attention_reference(q, k, v, sinks, *, scale, window=None, cu_seqlens=None, key_mask=None):
     """Exact attention with sinks, fp32 (fp64 for fp64 inputs) math, queries in blocks so that a sliding
     window only touches the keys it can see."""
     B, Tq, Hq, D = q.shape
@@ -93,6 +101,8 @@ def sink_attention_reference(q, k, v, sinks, *, scale, window=None, cu_seqlens=N
             allowed &= q_pos[:, None] - k_pos[None, :] < window
         if docs is not None:
             allowed &= docs[q_pos][:, None] == docs[k_pos][None, :]
+        if key_mask is not None:  # [B, 1, 1, q, k]; a query always sees itself (finite padding rows)
+            allowed = allowed & (key_mask[:, None, None, None, k_lo:k_hi] | (k_pos[None, :] == q_pos[:, None]))
         logits = logits.masked_fill(~allowed, float("-inf"))
         if sinks is not None:
             sink = sinks.to(compute).reshape(1, Hkv, group, 1, 1).expand(B, Hkv, group, stop - start, 1)

@@ -40,6 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..kernels import use_fixed_configs
+
 __all__ = [
     "MAX_HEAD_K",
     "causal_short_conv",
@@ -157,6 +159,7 @@ def gated_rms_norm(
     if activation not in ("sigmoid", "swish", "silu"):
         raise ValueError(f"gated_rms_norm: unsupported activation {activation!r}")
     if x.is_cuda and x.dtype != torch.float64:
+        use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
         from fla.modules.fused_norm_gate import rms_norm_gated
 
         return rms_norm_gated(x, gate, weight, None, activation=activation, eps=eps)
@@ -227,6 +230,7 @@ def causal_short_conv(
         )
 
     if x.is_cuda and T > 1 and x.dtype != torch.float64:
+        use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
         from fla.modules.causal_conv1d.ops import causal_conv1d
 
         y, final_state = causal_conv1d(
@@ -534,6 +538,7 @@ def kda(
         )
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"kda: initial_state must be float32 for the fla kernels, got {initial_state.dtype}")
+    use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
     from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
     needs_grad = torch.is_grad_enabled() and any(
@@ -601,6 +606,7 @@ def kda_from_logits(
     if f.shape != (B, T, HV * K):
         raise ValueError(f"kda_from_logits: f must be [B, T, HV*K]=[{B}, {T}, {HV * K}], got {list(f.shape)}")
     _check_kda_inputs(q, k, v, f.view(B, T, HV, K), beta_logits, initial_state, cu_seqlens, scale, "kda_from_logits")
+    use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
     from fla.ops.kda import chunk_kda
 
     # V-first states, exactly the kernel variant fla's own KimiDeltaAttention compiles (one Triton build

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..ops.attention import sink_attention
 from ..ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
@@ -32,11 +32,13 @@ HARMONY_STOP_TOKEN_IDS = [200002, 200012, 199999]
 
 class StudentCache:
     """Per-layer decoding state, bounded per layer: SWA keeps the last window−1 positions (what the next query
-    can still see), KDA its recurrent state and the short-conv tails; kept softmax-full layers grow."""
+    can still see) with their padding flags, KDA its recurrent state and the short-conv tails; kept softmax-full
+    layers grow. ``next_position`` [B] is each row's next token position (rows of a left-padded batch differ)."""
 
     def __init__(self, num_layers: int):
         self.layers: list[dict | None] = [None] * num_layers
         self.seen_tokens = 0
+        self.next_position: torch.Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -56,20 +58,54 @@ def _trim(full: dict[str, torch.Tensor], keep: int | None) -> dict[str, torch.Te
 
 @dataclass
 class Positions:
-    """Token positions [B, T] and the shared YaRN cos/sin for them."""
+    """Token positions [B, T], the shared YaRN cos/sin for them, and which tokens are real ([B, T] bool; None
+    when none is padding)."""
 
     ids: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     scaling: float
+    valid: torch.Tensor | None = None
 
 
-def make_positions(yarn: YarnRope, batch: int, length: int, device, cu_seqlens=None, start: int = 0) -> Positions:
-    """Positions (restarting in every packed document when cu_seqlens is given) and their YaRN cos/sin."""
-    ids = token_positions(length, device, cu_seqlens, start).unsqueeze(0).expand(batch, length)
+def make_positions(yarn: YarnRope, batch: int, length: int, device, cu_seqlens=None, start: int = 0,
+                   ids: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> Positions:
+    """Positions (restarting in every packed document when cu_seqlens is given; or per-row ``ids``) and their
+    YaRN cos/sin."""
+    if ids is None:
+        ids = token_positions(length, device, cu_seqlens, start).unsqueeze(0).expand(batch, length)
     # Recomputed per call (D/2 values): a buffer would be left uninitialised by meta-device loading.
     cos, sin = rope_cos_sin(ids, yarn.inv_freq().to(device), yarn.concentration)
-    return Positions(ids, cos, sin, yarn.concentration)
+    return Positions(ids, cos, sin, yarn.concentration, valid)
+
+
+def padded_positions(valid: torch.Tensor, cache: StudentCache | None) -> torch.Tensor:
+    """Per-row positions [B, T] of a left-padded chunk: real tokens count on from the row's cached position,
+    padding shares the next real token's position (it is masked everywhere). Real tokens must be contiguous
+    per row: padding after a row's first real token would shift the sliding windows, so it is refused."""
+    base = cache.next_position if cache is not None and cache.next_position is not None else \
+        torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+    counted = valid.long().cumsum(1)
+    started = (counted > 0) | (base[:, None] > 0)
+    hole = ~valid & started
+    if bool((valid & (hole.long().cumsum(1) > 0)).any()):
+        raise ValueError("attention_mask has padding between real tokens; only left padding is supported "
+                         "(pack documents with cu_seqlens instead)")
+    return base[:, None] + (counted - valid.long()).clamp(min=0)
+
+
+def _cached_keys(cache: StudentCache | None, layer_idx: int, keys: dict[str, torch.Tensor], positions: Positions,
+                 keep: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """This chunk's per-position key tensors [B, T, ...] appended to the layer's cache (which keeps the last
+    ``keep``), and the attention key mask over them (None when no key is padding: the unmasked fast path)."""
+    if cache is None:
+        return keys, positions.valid
+    B, T = positions.ids.shape
+    valid = positions.valid if positions.valid is not None else torch.ones(B, T, dtype=torch.bool, device=positions.ids.device)
+    full = _append(cache.layers[layer_idx], {**keys, "valid": valid})
+    cache.layers[layer_idx] = _trim(full, keep)
+    keys_valid = full["valid"]
+    return {name: full[name] for name in keys}, None if bool(keys_valid.all()) else keys_valid
 
 
 class RMSNorm(nn.Module):
@@ -102,11 +138,10 @@ class SoftmaxAttention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions.cos, positions.sin)
         k = apply_rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), positions.cos, positions.sin)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if cache is not None:
-            full = _append(cache.layers[self.layer_idx], {"k": k, "v": v})
-            cache.layers[self.layer_idx] = _trim(full, None if self.window is None else self.window - 1)
-            k, v = full["k"], full["v"]
-        o = sink_attention(q, k, v, self.sinks, window=self.window, cu_seqlens=cu_seqlens)
+        keys, key_mask = _cached_keys(cache, self.layer_idx, {"k": k, "v": v}, positions,
+                                      None if self.window is None else self.window - 1)
+        o = sink_attention(q, keys["k"], keys["v"], self.sinks, window=self.window, cu_seqlens=cu_seqlens,
+                           key_mask=key_mask)
         return self.o_proj(o.reshape(B, T, -1))
 
 
@@ -165,13 +200,11 @@ class SwaTpaAttention(nn.Module):
             q = tpa_combine(q_a, rotate(q_b))
         k_a, k_b = self._factors("k", x)
         v_a, v_b = self._factors("v", x)
-        factors = {"k_a": k_a, "k_b": rotate(k_b), "v_a": v_a, "v_b": v_b}
-        if cache is not None:
-            factors = _append(cache.layers[self.layer_idx], factors)
-            cache.layers[self.layer_idx] = _trim(factors, self.window - 1)
+        factors, key_mask = _cached_keys(cache, self.layer_idx, {"k_a": k_a, "k_b": rotate(k_b), "v_a": v_a, "v_b": v_b},
+                                         positions, self.window - 1)
         k = tpa_combine(factors["k_a"], factors["k_b"])
         v = tpa_combine(factors["v_a"], factors["v_b"])
-        o = sink_attention(q, k, v, self.sinks, window=self.window, cu_seqlens=cu_seqlens)
+        o = sink_attention(q, k, v, self.sinks, window=self.window, cu_seqlens=cu_seqlens, key_mask=key_mask)
         return self.o_proj(o.reshape(B, T, -1))
 
 
@@ -210,6 +243,8 @@ class KdaAttention(nn.Module):
         keep_state = cache is not None
 
         def conv(name, projected):
+            if positions.valid is not None:  # padding enters neither the conv windows nor the state (k = 0)
+                projected = projected * positions.valid[..., None].to(projected.dtype)
             return causal_short_conv(
                 projected, getattr(self, f"{name}_conv_weight"), activation="silu", cu_seqlens=cu_seqlens,
                 initial_state=None if state is None else state[f"{name}_conv"], output_final_state=keep_state)
@@ -289,12 +324,13 @@ class DecoderLayer(nn.Module):
         return x + out, router_logits
 
 
+# transformers 5.24 renamed the cache of model inputs and outputs from ``past_key_values`` to ``cache``; generate
+# reads it back under the installed version's name, so the output declares that one (inputs accept both).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
-class StudentOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: StudentCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+class StudentOutput(CausalLMOutputWithPast):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
@@ -381,14 +417,22 @@ class StudentModel(StudentPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None, cache=None, use_cache=False,
-                output_hidden_states=False):
+                output_hidden_states=False, valid=None):
+        """``valid`` [B, T] bool marks the real tokens of a left-padded batch (None: all real)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
         if use_cache and cache is None:
             cache = StudentCache(len(self.layers))
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens (packed training) cannot be combined with a decoding cache")
-        start = cache.seen_tokens if cache is not None else 0
-        positions = make_positions(self.yarn, *x.shape[:2], x.device, cu_seqlens, start)
+        if valid is not None and cu_seqlens is not None:
+            raise ValueError("padding (attention_mask with zeros) cannot be combined with packed cu_seqlens")
+        padded = valid is not None or (cache is not None and cache.next_position is not None)
+        if padded:
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
+            positions = make_positions(self.yarn, B, T, x.device, ids=padded_positions(valid, cache), valid=valid)
+        else:
+            positions = make_positions(self.yarn, B, T, x.device, cu_seqlens, cache.seen_tokens if cache is not None else 0)
         hidden, routers = [], []
         for layer in self.layers:
             if output_hidden_states:
@@ -396,11 +440,13 @@ class StudentModel(StudentPreTrainedModel):
             x, router_logits = layer(x, positions, cu_seqlens, cache)
             routers.append(router_logits)
         if cache is not None:
-            cache.seen_tokens += x.shape[1]
+            cache.seen_tokens += T
+            if padded:
+                cache.next_position = positions.ids[:, -1] + valid[:, -1].long()
         x = self.norm(x)
         if output_hidden_states:
             hidden.append(x)
-        return x, cache, tuple(hidden) if output_hidden_states else None, tuple(routers)
+        return x, cache, tuple(hidden) if output_hidden_states else None, tuple(routers), positions.ids
 
 
 SHIM_FILES = {
@@ -424,28 +470,40 @@ class StudentForCausalLM(StudentPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # we bring our own bounded cache (StudentCache), returned in outputs["cache"]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, cu_seqlens=None, output_hidden_states=False, logits_to_keep=0,
-                **kwargs):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported (attention_mask has zeros); pack documents with "
-                             "cu_seqlens or generate one prompt at a time")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, cu_seqlens=None, output_hidden_states=False,
+                logits_to_keep=0, **kwargs):
+        """``cache`` (or its pre-5.24 transformers name ``past_key_values``) is a ``StudentCache``; the output
+        holds it under ``CACHE_FIELD``. ``attention_mask`` [B, T] or [B, cached + T] may hold zeros for left
+        padding; ``position_ids``, if given, must equal the positions the mask and cache imply."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the StudentCache as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be [B, T] or [B, cached + T] "
+                                 f"for {length} new tokens")
+            chunk = attention_mask[:, -length:].bool()
+            if not bool(chunk.all()) or (cache is not None and cache.next_position is not None):
+                valid = chunk
+        hidden, cache, all_hidden, routers, positions = self.model(
+            input_ids, inputs_embeds, cu_seqlens, cache, bool(use_cache), output_hidden_states, valid)
         if position_ids is not None:
-            start = cache.seen_tokens if cache is not None else 0
-            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            expected = token_positions(length, position_ids.device, start=start)
-            if cu_seqlens is not None or not bool((position_ids == expected).all()):
-                raise ValueError("position_ids must be the consecutive positions after the cache; packed "
-                                 "documents restart their positions through cu_seqlens instead")
-        hidden, cache, all_hidden, routers = self.model(
-            input_ids, inputs_embeds, cu_seqlens, cache, bool(use_cache), output_hidden_states)
+            given = position_ids.to(positions.device).expand_as(positions)
+            real = valid.to(positions.device) if valid is not None else torch.ones_like(given, dtype=torch.bool)
+            if cu_seqlens is not None or not bool((given == positions)[real].all()):
+                raise ValueError("position_ids must be the consecutive positions after the cache (per row, after "
+                                 "left padding); packed documents restart their positions through cu_seqlens instead")
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return StudentOutput(loss=loss, logits=logits, cache=cache, hidden_states=all_hidden, router_logits=routers)
+        return StudentOutput(loss=loss, logits=logits, hidden_states=all_hidden, router_logits=routers,
+                             **{CACHE_FIELD: cache})
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the code shims (see ``write_code_shims``)."""

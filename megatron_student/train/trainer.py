@@ -28,6 +28,7 @@ the tracker is replaced atomically.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -47,6 +48,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from ..convert.common import FORMAT_VERSION, METADATA_KEY, TRACKER_NAME, resolve_megatron_dir, single_process_group
 from ..convert.hf_to_megatron import LazyState, open_hf_checkpoint
 from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
+from ..kernels import first_step_notice
 from ..megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
 from ..megatron import restore_fp32_parameters
 from ..ops.losses import (
@@ -66,6 +68,7 @@ from .metrics import MetricsSink, RouterStats
 from .optim import MegatronAdam, TorchAdamW, apply_freeze, is_expert_parameter, learning_rate, optimizer_implementation
 
 VOCAB_DIVISIBLE_BY = 128
+LAYOUT_FILE = "layout.json"  # in a checkpoint's trainer/: the layout a resume must match
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -304,9 +307,7 @@ class Trainer:
                                           params_dtype=self.student_dtype,
                                           recompute=None if r.granularity == "none" else r.granularity,
                                           recompute_method=r.method, recompute_num_layers=r.num_layers)
-        initialize_parallel(student_parallel)
-        if torch.cuda.is_available():
-            tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+        initialize_parallel(student_parallel, seed=cfg.seed)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -324,6 +325,8 @@ class Trainer:
                               f"tp={self.tp_size} (sequence parallelism)")
 
         self.resume_dir = self._resume_directory()
+        if self.resume_dir is not None:
+            self._check_resume_layout(self.resume_dir)
         student_source = self.resume_dir or cfg.student.megatron or cfg.student.hf
         self.student, self.student_config, self.student_config_dict = load_model(student_source, "student",
                                                                                  student_parallel)
@@ -568,6 +571,16 @@ class Trainer:
         return {"world": self.world, "tp": self.tp_size, "ep": self.config.parallel.ep,
                 "optimizer": self.optimizer_implementation}
 
+    def _check_resume_layout(self, directory: Path) -> None:
+        """Refuse a resume at another layout before any model is built (a checkpoint of another TP does not even
+        fit this run's vocabulary padding): the checkpoint's trainer/layout.json against this run's."""
+        path = directory / "trainer" / LAYOUT_FILE
+        if path.is_file():
+            written, layout = json.loads(path.read_text()), self._layout()
+            if written != layout:
+                raise ValueError(f"{path}: written with {written}, resuming with {layout}; resume needs the same "
+                                 "layout (start a new stage from it with student.megatron to change it)")
+
     def _load_trainer_state(self, directory: Path) -> None:
         path = directory / "trainer" / f"rank_{self.rank:05d}.pt"
         if not path.is_file():
@@ -614,6 +627,7 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             (tmp / "config.yaml").write_text(dump_config(self.config))
+            (tmp / "trainer" / LAYOUT_FILE).write_text(json.dumps(self._layout(), sort_keys=True) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -637,7 +651,9 @@ class Trainer:
                           + (f", resumed from {self.resume_dir}" if self.resume_dir else ""))
         try:
             while self.step < cfg.steps:
-                record = self.train_step()
+                with first_step_notice(self.sink.console, f"[{cfg.stage}] step {self.step + 1}") if not history \
+                        else contextlib.nullcontext():
+                    record = self.train_step()
                 history.append(record)
                 if self.consecutive_bad > cfg.nan_guard.max_consecutive:
                     path = self.save_checkpoint()

@@ -1,0 +1,282 @@
+"""Stage B on several GPUs through `launch/torchrun.sh`, checked against one GPU, at gpt-oss-20b width.
+
+``setup``: a random gpt-oss teacher at 20b width (hidden 2880, 64/8 heads of 64, 201088 vocabulary, ``--layers``
+layers, ``--experts`` experts top-4), its student, the bundled conversations packed at ``--seq-len``, and both
+converted to Megatron checkpoints with ``convert-hf-to-megatron`` (peak host RSS and GPU memory of each converter).
+
+``layouts``: the same stage B (``configs/stage_b_full_distill.yaml``, same global batch of 2 sequences, same seed)
+launched by ``launch/torchrun.sh`` on one GPU (TP=1, EP=1, two micro-batches accumulated) and on two GPUs with
+TP=2 (sequence parallel), EP=2 (alltoall dispatcher; attention data-parallel) and DP=2 (distributed optimizer).
+Every step's loss and gradient norm must equal the one-GPU run's within a tolerance derived from bf16 (unit
+roundoff u = 2^-8: 5u relative for the loss, 25u for the gradient norm, which squares and sums every gradient),
+and the router's per-expert load at step 1 (same weights) within 5u: counts reduced over the data-parallel ranks.
+
+``resume``: TP=2 × EP=2 on two GPUs checkpointing every 10 steps; a second run resumed from step 10 must follow the
+uninterrupted run; resuming that checkpoint at TP=1 must be refused with the layout message; the final checkpoint
+exported to HF must be bit-identical to the export of the same weights resharded to and saved at TP=1
+(``reshard`` below, a separate process); export peak memory reported.
+
+``reshard SRC DST``: load a student checkpoint at TP=1/EP=1 (dist-checkpoint resharding) and save it again.
+
+    python benchmarks/multi_gpu.py setup --output /tmp/mg          # then: layouts, resume (same --output)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+U_BF16 = 2.0 ** -8
+LOSS_TOL, GNORM_TOL, ROUTER_TOL = 5 * U_BF16, 25 * U_BF16, 5 * U_BF16
+WIDTH_20B = dict(hidden=2880, heads=64, kv_heads=8, head_dim=64, intermediate=2880, experts_per_token=4)
+LAYOUTS = {"1 GPU": (1, ["parallel.tp=1", "parallel.ep=1"]),
+           "TP=2": (2, ["parallel.tp=2", "parallel.ep=1"]),
+           "EP=2": (2, ["parallel.tp=1", "parallel.ep=2"]),
+           "DP=2": (2, ["parallel.tp=1", "parallel.ep=1", "optimizer.distributed=true"])}
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "megatron_student.cli", *map(str, args)]
+
+
+def measured(args: list[str], log: Path) -> dict:
+    """Run a CLI command in a child process that reports its own peak RSS and peak GPU memory."""
+    code = ("import json, sys, torch, resource; from megatron_student.cli import main; rc = main(sys.argv[1:]); "
+            "gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0; "
+            "print('PEAK ' + json.dumps({'rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "
+            "'gpu_gib': gpu})); sys.exit(rc)")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=REPO)
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(map(str, args[:2]))} failed (log {log}):\n{result.stderr[-3000:]}")
+    peak = json.loads(result.stdout.rsplit("PEAK ", 1)[1].splitlines()[0])
+    return {**peak, "seconds": time.perf_counter() - start}
+
+
+def setup(out: Path, layers: int, experts: int, seq_len: int, hidden: int) -> None:
+    from megatron_student.student.surgery import init_student
+    from megatron_student.teacher.tiny import make_tiny_teacher
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from stage_b_slice import make_data
+
+    shape = {**WIDTH_20B, "hidden": hidden, "intermediate": hidden}
+    if hidden != WIDTH_20B["hidden"]:  # a CPU smoke run keeps the head layout proportional
+        shape.update(heads=8, kv_heads=2, head_dim=hidden // 8)
+    make_tiny_teacher(out / "teacher", layers=layers, experts=experts, dtype="bf16", overwrite=True, **shape)
+    init_student(out / "teacher", out / "student_hf", force=True)
+    make_data(out / "data", 2000, seq_len)
+    sizes = {}
+    for role, src in (("teacher", out / "teacher"), ("student", out / "student_hf")):
+        peak = measured(["convert-hf-to-megatron", "--hf", src, "--output", out / f"{role}_megatron", "--role", role,
+                         "--tp", 2, "--force"], out / f"convert_{role}.log")
+        size = sum(f.stat().st_size for f in (out / f"{role}_megatron").rglob("*") if f.is_file()) / 2**30
+        sizes[role] = {**peak, "size_gib": size}
+        print(f"convert-hf-to-megatron --role {role}: {peak['seconds']:.1f} s, {size:.2f} GiB written, peak RSS "
+              f"{peak['rss_gib']:.2f} GiB, peak GPU {peak['gpu_gib']:.2f} GiB", flush=True)
+    (out / "setup.json").write_text(json.dumps({"seq_len": seq_len, "convert": sizes}, indent=2))
+
+
+def train(out: Path, name: str, gpus: int, overrides: list[str], steps: int, expect_failure: bool = False) -> list[dict]:
+    """One stage-B run through launch/torchrun.sh; returns its metrics rows (or the log on an expected failure)."""
+    seq_len = json.loads((out / "setup.json").read_text())["seq_len"]
+    run_dir = out / "runs" / name.replace(" ", "_").replace("=", "").replace("/", "_")
+    dispatcher = "alltoall" if _cuda() else "allgather"
+    # HF sources: the trainer pads the vocabulary for its own TP (a Megatron checkpoint keeps the padding of the
+    # TP it was converted for), so one pair of directories serves every layout.
+    args = [f"teacher.path={out / 'teacher'}", f"data.path={out / 'data' / 'packed'}",
+            f"data.seq_len={seq_len}", "data.micro_batch=1", "data.global_batch=2", f"steps={steps}",
+            f"parallel.dispatcher={dispatcher}", "schedule.warmup_steps=5", "optimizer.lr=1.0e-4", "logging.every=1",
+            "eval.every=0", "checkpoint.every=10", *overrides]
+    args += ["student.megatron=null", f"student.hf={out / 'student_hf'}"]
+    env = {**os.environ, "GPUS": str(gpus), "CONFIG": "configs/stage_b_full_distill.yaml", "OUTPUT_DIR": str(run_dir),
+           "LOG_DIR": str(out / "launch_logs"), "JOB_NAME": run_dir.name}
+    if _cuda():
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
+    start = time.perf_counter()
+    result = subprocess.run(["bash", "launch/torchrun.sh", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=1500)
+    (out / f"{run_dir.name}.log").write_text(result.stdout + result.stderr)
+    seconds = time.perf_counter() - start
+    if expect_failure:
+        if result.returncode == 0:
+            raise SystemExit(f"{name}: expected a refusal, but the run succeeded")
+        return [{"log": result.stdout + result.stderr, "seconds": seconds}]
+    if result.returncode:
+        raise SystemExit(f"{name} failed after {seconds:.0f} s (log {out / f'{run_dir.name}.log'}):\n"
+                         f"{(result.stdout + result.stderr)[-4000:]}")
+    rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    print(f"{name}: {len(rows)} metric rows in {seconds:.0f} s", flush=True)
+    return [r for r in rows if "train/loss" in r]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def router_loads(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k.startswith("router/") and "/expert_" in k}
+
+
+def compare(reference: list[dict], other: list[dict], steps: range | None = None) -> dict:
+    ref = {r["step"]: r for r in reference}
+    rows = [r for r in other if steps is None or r["step"] in steps]
+    assert rows and all(r["step"] in ref for r in rows), "runs cover different steps"
+    loss = max(rel(r["train/loss"], ref[r["step"]]["train/loss"]) for r in rows)
+    gnorm = max(rel(r["train/grad_norm"], ref[r["step"]]["train/grad_norm"]) for r in rows)
+    return {"loss": loss, "grad_norm": gnorm, "ok": loss <= LOSS_TOL and gnorm <= GNORM_TOL}
+
+
+def summary(rows: list[dict], gpus: int) -> dict:
+    steady = [r for r in rows if r["step"] > 3] or rows
+    tps = statistics.median(r["train/tokens_per_s"] for r in steady)
+    return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / gpus,
+            "step_s": statistics.median(r["train/step_seconds"] for r in steady),
+            "peak_gib": max(r.get("train/peak_memory_gib", 0.0) for r in rows),
+            "loss_first": rows[0]["train/loss"], "loss_last": rows[-1]["train/loss"]}
+
+
+def layouts(out: Path, steps: int) -> None:
+    runs = {name: train(out, name, gpus, overrides, steps) for name, (gpus, overrides) in LAYOUTS.items()}
+    reference = runs["1 GPU"]
+    print(f"\nstage B, 20 steps, global batch 2 × {json.loads((out / 'setup.json').read_text())['seq_len']} tokens; "
+          f"tolerance: loss {LOSS_TOL:.4f}, grad norm {GNORM_TOL:.4f}, router load {ROUTER_TOL:.4f} (relative)")
+    print(f"{'layout':<8}{'loss Δ':>10}{'gnorm Δ':>10}{'router Δ':>10}{'tok/s':>10}{'tok/s/GPU':>11}{'s/step':>9}"
+          f"{'peak GiB':>10}{'loss first→last':>22}")
+    results, failed = {}, []
+    for name, rows in runs.items():
+        gpus = LAYOUTS[name][0]
+        diff = compare(reference, rows)
+        ref_load, load = router_loads(reference[0]), router_loads(rows[0])
+        router = max((abs(load[k] - v) for k, v in ref_load.items()), default=float("nan")) if load.keys() == ref_load.keys() else float("inf")
+        s = summary(rows, gpus)
+        ok = diff["ok"] and router <= ROUTER_TOL and len(rows) == steps
+        results[name] = {**diff, "router": router, **s, "ok": ok}
+        failed += [] if ok else [name]
+        print(f"{name:<8}{diff['loss']:>10.2e}{diff['grad_norm']:>10.2e}{router:>10.2e}{s['tokens_per_s']:>10.0f}"
+              f"{s['tokens_per_s_per_gpu']:>11.0f}{s['step_s']:>9.3f}{s['peak_gib']:>10.1f}"
+              f"{s['loss_first']:>11.4f} → {s['loss_last']:.4f}")
+    (out / "layouts.json").write_text(json.dumps(results, indent=2))
+    if failed:
+        raise SystemExit(f"layouts outside tolerance or incomplete: {failed}")
+
+
+def resume(out: Path, steps: int) -> None:
+    both = ["parallel.tp=2", "parallel.ep=2"]
+    full = train(out, "TP2xEP2", 2, both, steps)
+    split_dir = out / "runs" / "TP2xEP2_resumed"
+    if split_dir.exists():
+        shutil.rmtree(split_dir)
+    (split_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "runs" / "TP2xEP2" / "checkpoints" / "iter_0000010", split_dir / "checkpoints" / "iter_0000010")
+    (split_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10\n")
+    resumed = train(out, "TP2xEP2 resumed", 2, both, steps)
+    diff = compare(full, resumed, range(10, steps))
+    print(f"resume at TP=2×EP=2 from step 10: steps 11–{steps} loss Δ {diff['loss']:.2e}, grad norm Δ "
+          f"{diff['grad_norm']:.2e} (tolerance {LOSS_TOL:.4f}/{GNORM_TOL:.4f})", flush=True)
+    refused = train(out, "TP2xEP2 resumed", 1, ["parallel.tp=1", "parallel.ep=1", f"steps={steps + 5}"], steps + 5,
+                    expect_failure=True)[0]["log"]
+    message = next((line for line in refused.splitlines() if "resume needs the same layout" in line), None)
+    print(f"resume at TP=1 refused: {message.strip()[:300] if message else 'NO LAYOUT MESSAGE'}", flush=True)
+
+    final = out / "runs" / "TP2xEP2" / "checkpoints"
+    peak_a = measured(["convert-megatron-to-hf", "--megatron", final, "--output", out / "export_tp2ep2", "--force"],
+                      out / "export_tp2ep2.log")
+    code = [sys.executable, str(Path(__file__).resolve()), "reshard", str(final), str(out / "tp1_checkpoint")]
+    subprocess.run(code, check=True, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    peak_b = measured(["convert-megatron-to-hf", "--megatron", out / "tp1_checkpoint", "--output", out / "export_tp1",
+                       "--force"], out / "export_tp1.log")
+    identical = same_safetensors(out / "export_tp2ep2", out / "export_tp1")
+    size = sum(f.stat().st_size for f in (out / "export_tp2ep2").glob("*.safetensors")) / 2**30
+    print(f"export from TP=2×EP=2: {peak_a['seconds']:.1f} s, {size:.2f} GiB, peak RSS {peak_a['rss_gib']:.2f} GiB, "
+          f"peak GPU {peak_a['gpu_gib']:.2f} GiB; from the TP=1 resave: {peak_b['seconds']:.1f} s; tensors "
+          f"bit-identical: {identical}", flush=True)
+    result = {"resume": diff, "refused": message, "export_identical": identical, "export": peak_a,
+              "export_size_gib": size}
+    (out / "resume.json").write_text(json.dumps(result, indent=2))
+    if not (diff["ok"] and message and identical):
+        raise SystemExit(f"resume/export checks failed: {result}")
+
+
+def same_safetensors(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    def tensors(directory):
+        out = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as handle:
+                out.update({k: handle.get_tensor(k) for k in handle.keys()})
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def reshard(src: Path, dst: Path) -> None:
+    """Load the student checkpoint at TP=1/EP=1 and save it again there (a different process layout than it was
+    written with), keeping its metadata record."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_student.convert.common import METADATA_KEY, resolve_megatron_dir, single_process_group
+    from megatron_student.megatron import ParallelConfig, initialize_parallel
+    from megatron_student.train.trainer import load_model
+
+    directory = resolve_megatron_dir(src)
+    rows = dist_checkpointing.load_tensors_metadata(str(directory))["embedding.word_embeddings.weight"].global_shape[0]
+    with single_process_group():  # the written vocabulary padding (a multiple of 128·TP of the writer) kept
+        parallel = ParallelConfig(params_dtype=torch.bfloat16, make_vocab_size_divisible_by=rows)
+        initialize_parallel(parallel)
+        model, _, _ = load_model(src, "student", parallel)
+        record = dist_checkpointing.load_common_state_dict(str(directory))[METADATA_KEY]
+        if dst.exists():
+            shutil.rmtree(dst)
+        (dst / "release").mkdir(parents=True)
+        sharded = model.sharded_state_dict()
+        sharded[METADATA_KEY] = record
+        dist_checkpointing.save(sharded, str(dst / "release"))
+        (dst / "latest_checkpointed_iteration.txt").write_text("release\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("setup", "layouts", "resume", "reshard"))
+    parser.add_argument("paths", nargs="*", type=Path, help="reshard: SRC DST")
+    parser.add_argument("--output", type=Path, default=Path("/tmp/multi_gpu"))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=WIDTH_20B["hidden"])
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    if args.phase == "setup":
+        setup(args.output, args.layers, args.experts, args.seq_len, args.hidden)
+    elif args.phase == "layouts":
+        layouts(args.output, args.steps)
+    elif args.phase == "resume":
+        resume(args.output, args.steps)
+    else:
+        reshard(*args.paths)
+    print(f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
