@@ -96,8 +96,8 @@ def train(out: Path, name: str, gpus: int, overrides: list[str], steps: int, exp
     # TP it was converted for), so one pair of directories serves every layout.
     args = [f"teacher.path={out / 'teacher'}", f"data.path={out / 'data' / 'packed'}",
             f"data.seq_len={seq_len}", "data.micro_batch=1", "data.global_batch=2", f"steps={steps}",
-            f"parallel.dispatcher={dispatcher}", "schedule.warmup_steps=5", "optimizer.lr=1.0e-4", "logging.every=1",
-            "eval.every=0", "checkpoint.every=10", *overrides]
+            f"parallel.dispatcher={dispatcher}", f"schedule.warmup_steps={min(5, steps)}", "optimizer.lr=1.0e-4", "logging.every=1",
+            "eval.every=0", "checkpoint.every=0", *overrides]
     args += ["student.megatron=null", f"student.hf={out / 'student_hf'}"]
     env = {**os.environ, "GPUS": str(gpus), "CONFIG": "configs/stage_b_full_distill.yaml", "OUTPUT_DIR": str(run_dir),
            "LOG_DIR": str(out / "launch_logs"), "JOB_NAME": run_dir.name}
@@ -117,7 +117,10 @@ def train(out: Path, name: str, gpus: int, overrides: list[str], steps: int, exp
                          f"{(result.stdout + result.stderr)[-4000:]}")
     rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     print(f"{name}: {len(rows)} metric rows in {seconds:.0f} s", flush=True)
-    return [r for r in rows if "train/loss" in r]
+    rows = [r for r in rows if "train/loss" in r]
+    if os.environ.get("OUT"):  # the device tool's result folder: keep each run's metrics as soon as it ends
+        Path(os.environ["OUT"], f"metrics_{run_dir.name}.json").write_text(json.dumps(rows))
+    return rows
 
 
 def _cuda() -> bool:
@@ -153,13 +156,19 @@ def summary(rows: list[dict], gpus: int) -> dict:
 
 
 def layouts(out: Path, steps: int) -> None:
-    runs = {name: train(out, name, gpus, overrides, steps) for name, (gpus, overrides) in LAYOUTS.items()}
+    runs, failed = {}, []
+    for name, (gpus, overrides) in LAYOUTS.items():
+        try:
+            runs[name] = train(out, name, gpus, overrides, steps)
+        except SystemExit as error:  # report the others, then fail
+            print(error, flush=True)
+            failed.append(name)
     reference = runs["1 GPU"]
     print(f"\nstage B, 20 steps, global batch 2 × {json.loads((out / 'setup.json').read_text())['seq_len']} tokens; "
           f"tolerance: loss {LOSS_TOL:.4f}, grad norm {GNORM_TOL:.4f}, router load {ROUTER_TOL:.4f} (relative)")
     print(f"{'layout':<8}{'loss Δ':>10}{'gnorm Δ':>10}{'router Δ':>10}{'tok/s':>10}{'tok/s/GPU':>11}{'s/step':>9}"
           f"{'peak GiB':>10}{'loss first→last':>22}")
-    results, failed = {}, []
+    results = {}
     for name, rows in runs.items():
         gpus = LAYOUTS[name][0]
         diff = compare(reference, rows)
@@ -178,7 +187,7 @@ def layouts(out: Path, steps: int) -> None:
 
 
 def resume(out: Path, steps: int) -> None:
-    both = ["parallel.tp=2", "parallel.ep=2"]
+    both = ["parallel.tp=2", "parallel.ep=2", "checkpoint.every=10"]
     full = train(out, "TP2xEP2", 2, both, steps)
     split_dir = out / "runs" / "TP2xEP2_resumed"
     if split_dir.exists():

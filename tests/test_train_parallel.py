@@ -1,4 +1,5 @@
-"""The trainer under torchrun with TP=2 (gloo, CPU) follows the same loss trajectory as one process."""
+"""The trainer under torchrun with TP=2 or DP=2 (gloo, CPU) follows the same loss trajectory as one process (the
+logged losses are the whole step's: DP ranks' shares are reduced)."""
 
 import json
 import os
@@ -16,7 +17,8 @@ from megatron_student.teacher.tiny import make_tiny_teacher
 ASSETS = Path(__file__).resolve().parents[1] / "megatron_student" / "assets"
 
 
-def run_stage(root: Path, name: str, tp: int) -> list[dict]:
+def run_stage(root: Path, name: str, tp: int, world: int | None = None) -> list[dict]:
+    world = world or tp
     config = {
         "stage": name, "steps": 3, "seed": 11,
         "student": {"hf": str(root / "student")}, "teacher": {"path": str(root / "teacher"), "dtype": "fp32"},
@@ -30,23 +32,24 @@ def run_stage(root: Path, name: str, tp: int) -> list[dict]:
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, "-m", "megatron_student.cli", "train", str(path)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"world {tp} (TP {tp}," in result.stdout  # the layout really ran
+    assert f"world {world} (TP {tp}," in result.stdout  # the layout really ran
     rows = [json.loads(line) for line in (root / name / "logs" / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "train/loss" in r]
 
 
-def test_tensor_parallel_training_matches_single_process(tmp_path):
+def test_tensor_and_data_parallel_training_match_single_process(tmp_path):
     make_tiny_teacher(tmp_path / "teacher", layers=2, dtype="fp32", seed=3)
     init_student(tmp_path / "teacher", tmp_path / "student")
     prepare(load_manifest(ASSETS / "demo_manifest.yaml"), tmp_path / "data", 256, progress=False)
     single = run_stage(tmp_path, "tp1", 1)
-    parallel = run_stage(tmp_path, "tp2", 2)
-    assert [r["step"] for r in single] == [r["step"] for r in parallel] == [1, 2, 3]
-    for a, b in zip(single, parallel):
-        for key in ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "train/grad_norm"):
-            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]) + 1e-6, (a["step"], key, a[key], b[key])
+    for name, tp in (("tp2", 2), ("dp2", 1)):
+        parallel = run_stage(tmp_path, name, tp, world=2)
+        assert [r["step"] for r in single] == [r["step"] for r in parallel] == [1, 2, 3]
+        for a, b in zip(single, parallel):
+            for key in ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "train/grad_norm"):
+                assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]) + 1e-6, (name, a["step"], key, a[key], b[key])

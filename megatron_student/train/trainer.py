@@ -502,7 +502,14 @@ class Trainer:
         dist.all_reduce(tokens, group=self.dp_group)
         self.tokens_seen += int(tokens[0])
         elapsed = time.perf_counter() - start
-        components = {k: float(v) for k, v in totals.items()}
+        # Each rank's components are its share of the step's loss (the normaliser counts every DP rank's tokens
+        # and is divided by the DP size for DDP's gradient average): their DP mean is the step's loss.
+        names = sorted(totals)
+        shares = torch.stack([torch.as_tensor(totals[n], dtype=torch.float64, device=self.device).detach() for n in names])
+        if self.dp_size > 1:
+            dist.all_reduce(shares, group=self.dp_group)
+            shares /= self.dp_size
+        components = dict(zip(names, shares.tolist()))
         total = sum(item.weight * components[item.kind] for item in cfg.losses.logits)
         total += sum(getattr(cfg.losses, k).weight * components[k] for k in ("hidden", "attention") if k in components)
         extra = {"tokens_per_s": float(tokens[0]) / elapsed, "step_seconds": elapsed,
