@@ -43,13 +43,13 @@ from torch.overrides import TorchFunctionMode
 
 from ..megatron import ParallelConfig, build_student, build_teacher, hf_to_megatron_state_dict, initialize_parallel
 from ..megatron import restore_fp32_parameters
+from ..megatron.mapping import megatron_key
 from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM
 from ..teacher import TeacherCheckpoint
 from ..teacher.checkpoint import stored_tensor_files
 from ..teacher.config import CONFIG_NAME
 from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
-from .megatron_to_hf import megatron_source
 from .streaming_save import StreamingSaveStrategy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -171,8 +171,8 @@ class StreamedShards:
         self.model, self.reader = model, reader
         self.placeholders = {name: torch.empty(reader.shape(name), device="meta") for name in reader.tensor_names()}
         self.hf_names: dict[str, set[str]] = defaultdict(set)  # unit -> the HF tensors it is made from
-        for name, placeholder in self.placeholders.items():
-            self.hf_names[unit_of(megatron_source(name, tuple(placeholder.shape))[0])].add(name)
+        for name in self.placeholders:
+            self.hf_names[unit_of(megatron_key(name)[1])].add(name)
         self.shards: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def pop(self, key: str, global_offset: tuple[int, ...]) -> torch.Tensor:
