@@ -40,7 +40,7 @@ from .layers import ClampedSwiGLU, GptOssRouter, ParallelRMSNorm, padded_vocab_s
 class ParallelConfig:
     """Parallel layout and numerics of one model. ``sequence_parallel`` None: on exactly when TP > 1 (Megatron's MoE
     requires it with TP, and the replicated-gradient rules of layers.py rely on it). Expert TP is always 1
-    (biased experts, megatron.md §1.1)."""
+    (Megatron-Core 0.16.1 allows biased experts, ``add_bias_linear`` with MoE, only at expert TP 1)."""
 
     tensor_parallel: int = 1
     expert_parallel: int = 1

@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 
 from .attention import sink_attention
-from .kda import causal_short_conv, gated_rms_norm, kda_from_logits
+from .kda import causal_short_conv, kda_from_logits
+from .norm import gated_rms_norm
 from .rope import apply_rotary, rotation
 from .tpa import TpaProjection, tpa_combine, tpa_factors
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..harmony_vocab import HARMONY_STOP_TOKEN_IDS
 from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
 from ..ops.moe import experts_forward, router_topk_softmax
 from ..ops.norm import rms_norm
@@ -26,8 +27,6 @@ from ..ops.tpa import TpaProjection
 from .config import StudentConfig
 from .spec import AttentionSpec, KdaSpec, SoftmaxSpec, SwaTpaSpec, layer_specs
 
-# Harmony ids that end an assistant turn: <|return|>, <|call|>, and <|endoftext|> (gpt-oss generation_config).
-HARMONY_STOP_TOKEN_IDS = [200002, 200012, 199999]
 
 
 class StudentCache:

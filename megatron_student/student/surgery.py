@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPES, dtype_name
 from ..hf_io import StreamingCheckpointWriter
 from ..ops.tpa import tpa_from_gqa, tpa_from_heads_svd
 from ..teacher import TeacherCheckpoint
@@ -19,7 +20,6 @@ from .config import StudentConfig, load_plan_file
 from .modeling import KdaAttention, StudentForCausalLM, init_kda_extras, write_bundle_files
 from .spec import KdaSpec, SoftmaxSpec, SwaTpaSpec, layer_specs
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 FP32_PARAMETERS = ("A_log", "dt_bias")  # decay math stays fp32 whatever the checkpoint dtype
 
 
@@ -54,9 +54,9 @@ class Surgery:
             tensor = tensor.float()
         elif tensor.dtype != self.dtype:
             if origin == "copied":
-                detail += f" (cast to {str(self.dtype).removeprefix('torch.')})"
+                detail += f" (cast to {dtype_name(self.dtype)})"
             tensor = tensor.to(self.dtype)
-        self.records.append(TensorRecord(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), origin, detail))
+        self.records.append(TensorRecord(name, tuple(tensor.shape), dtype_name(tensor.dtype), origin, detail))
         return name, tensor
 
     def copy(self, name: str, source: str | None = None):
@@ -226,7 +226,7 @@ def init_student(
         plan = load_plan_file(plan)
     config = StudentConfig.from_teacher(teacher.config, plan, teacher_name_or_path=str(teacher_dir))
     if dtype:
-        config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+        config.dtype = dtype_name(DTYPES[dtype])
     surgery = Surgery(teacher, config, DTYPES[dtype] if dtype else None, seed)
     with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
         for name, tensor in surgery.tensors():
