@@ -27,7 +27,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 
 from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
 from ..ops.rope import rope_cos_sin, token_positions
-from ..ops.tpa import TpaProjection
+from ..ops.tpa import named_projection
 from ..student.spec import AttentionSpec, KdaSpec, SoftmaxSpec, SwaTpaSpec
 from .layers import Projection, new_parameter
 
@@ -158,11 +158,6 @@ class ParallelSwaTpaAttention(_TensorParallelAttention):
             self.plane_skew = new_parameter(config, (D, D), tp_axis=None, init="zeros") if s.grape_learned_basis else None
         self._build_o_proj(self.heads * D)
 
-    def _projection(self, name: str):
-        if self.spec.ranks[name] is None:
-            return getattr(self, f"{name}_proj")
-        return TpaProjection(getattr(self, f"{name}_a0"), getattr(self, f"{name}_a_proj"), getattr(self, f"{name}_b_proj"))
-
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
         cu_seqlens = self._cu_seqlens(packed_seq_params, x.shape[0])
@@ -171,8 +166,9 @@ class ParallelSwaTpaAttention(_TensorParallelAttention):
             (cos, sin), skew = self._cos_sin(ids, self.rope_freq), self.plane_skew
         else:
             (cos, sin), skew = self._cos_sin(ids), None
+        q, k, v = (named_projection(self, name, rank) for name, rank in self.spec.ranks.items())
         return swa_tpa_layer(
-            x, self._projection("q"), self._projection("k"), self._projection("v"), self._exit, self.sinks, cos, sin,
+            x, q, k, v, self._exit, self.sinks, cos, sin,
             head_dim=self.spec.head_dim, window=self.spec.window, plane_skew=skew, cu_seqlens=cu_seqlens,
             backend=self.backend)
 

@@ -35,6 +35,15 @@ class TpaProjection(NamedTuple):
     b_proj: Callable[[torch.Tensor], torch.Tensor]
 
 
+def named_projection(module, name: str, rank: int | None) -> TpaProjection | Callable[[torch.Tensor], torch.Tensor]:
+    """The ``name`` (q, k or v) projection of an SWA+TPA module of either realization, by the parameter names
+    both share (so the converters map them by name): ``{name}_a0``, ``{name}_a_proj``, ``{name}_b_proj`` when
+    factored (``rank`` set), else the plain ``{name}_proj``."""
+    if rank is None:
+        return getattr(module, f"{name}_proj")
+    return TpaProjection(getattr(module, f"{name}_a0"), getattr(module, f"{name}_a_proj"), getattr(module, f"{name}_b_proj"))
+
+
 def tpa_factors(x: torch.Tensor, proj: TpaProjection, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, T, hidden] → head factor a = A0 + W_A·x [B, T, R, H] and token factor b = W_B·x + b_B [B, T, R, D]."""
     B, T, _ = x.shape

@@ -23,10 +23,9 @@ from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
 from ..ops.moe import experts_forward, router_topk_softmax
 from ..ops.norm import rms_norm
 from ..ops.rope import YarnRope, rope_cos_sin, token_positions
-from ..ops.tpa import TpaProjection
+from ..ops.tpa import named_projection
 from .config import StudentConfig
 from .spec import AttentionSpec, KdaSpec, SoftmaxSpec, SwaTpaSpec, layer_specs
-
 
 
 class StudentCache:
@@ -141,18 +140,14 @@ class SwaTpaAttention(nn.Module):
             self.rope_freq = nn.Parameter(spec.rope.inv_freq())
             self.plane_skew = nn.Parameter(torch.zeros(D, D)) if spec.grape_learned_basis else None
 
-    def _projection(self, name: str):
-        if self.spec.ranks[name] is None:
-            return getattr(self, f"{name}_proj")
-        return TpaProjection(getattr(self, f"{name}_a0"), getattr(self, f"{name}_a_proj"), getattr(self, f"{name}_b_proj"))
-
     def forward(self, x, positions: Positions, cu_seqlens=None, cache: StudentCache | None = None):
         cos, sin, skew = positions.cos, positions.sin, None
         if self.spec.grape:
             cos, sin = rope_cos_sin(positions.ids, self.rope_freq, positions.scaling)
             skew = self.plane_skew
+        q, k, v = (named_projection(self, name, rank) for name, rank in self.spec.ranks.items())
         return swa_tpa_layer(
-            x, self._projection("q"), self._projection("k"), self._projection("v"), self.o_proj, self.sinks, cos, sin,
+            x, q, k, v, self.o_proj, self.sinks, cos, sin,
             head_dim=self.spec.head_dim, window=self.spec.window, plane_skew=skew, cu_seqlens=cu_seqlens,
             extend=_cache_extend(cache, self.layer_idx, self.spec.window - 1))
 
