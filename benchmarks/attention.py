@@ -20,6 +20,7 @@ from transformers import GptOssConfig
 from megatron_student.ops.rope import YarnRope
 from megatron_student.student.config import StudentConfig
 from megatron_student.student.modeling import KdaAttention, SoftmaxAttention, SwaTpaAttention, init_kda_extras, make_positions
+from megatron_student.student.spec import layer_specs
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2880, 64, 8, 64
 
@@ -43,11 +44,11 @@ def time_fwd_bwd(fn, x, warmup=3, repeat=10) -> tuple[float, float]:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def student_config() -> StudentConfig:
-    teacher = GptOssConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                           head_dim=HEAD_DIM, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
-                           intermediate_size=64)
-    return StudentConfig.from_teacher(teacher)
+def teacher_config() -> GptOssConfig:
+    """Two layers: sliding (→ SWA+TPA in the student), full (→ KDA; the teacher's full GQA for comparison)."""
+    return GptOssConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                        head_dim=HEAD_DIM, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                        intermediate_size=64, layer_types=["sliding_attention", "full_attention"])
 
 
 def randomise_(module: torch.nn.Module) -> None:
@@ -66,19 +67,21 @@ def main() -> None:
     from fla.layers import KimiDeltaAttention
 
     torch.manual_seed(0)
-    config = student_config()
+    teacher = teacher_config()
+    config = StudentConfig.from_teacher(teacher)
+    swa_tpa_spec, kda_spec = layer_specs(config)
     yarn = YarnRope.from_hf_config(config)
     dtype, device = torch.bfloat16, "cuda"
-    ours_kda = KdaAttention(config, 1)
+    ours_kda = KdaAttention(kda_spec, 1)
     randomise_(ours_kda)
     init_kda_extras(ours_kda, torch.Generator().manual_seed(0))
     ours_kda = ours_kda.to(device, dtype)
     ours_kda.A_log.data, ours_kda.dt_bias.data = ours_kda.A_log.data.float(), ours_kda.dt_bias.data.float()
     fla_kda = KimiDeltaAttention(hidden_size=HIDDEN, head_dim=HEAD_DIM, num_heads=HEADS, mode="chunk",
                                  use_short_conv=True, conv_size=4, layer_idx=0).to(device, dtype)
-    swa_tpa = SwaTpaAttention(config, 0)
+    swa_tpa = SwaTpaAttention(swa_tpa_spec, 0)
     randomise_(swa_tpa)
-    full_gqa = SoftmaxAttention(config, 1, window=None)
+    full_gqa = SoftmaxAttention(layer_specs(teacher)[1], 1)
     randomise_(full_gqa)
     swa_tpa, full_gqa = swa_tpa.to(device, dtype), full_gqa.to(device, dtype)
 

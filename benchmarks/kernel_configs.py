@@ -35,7 +35,8 @@ def main() -> None:
     import torch
 
     from megatron_student import kernels
-    from megatron_student.ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
+    from megatron_student.ops.kda import causal_short_conv, kda_from_logits
+    from megatron_student.ops.norm import gated_rms_norm
 
     if not torch.cuda.is_available():
         raise SystemExit("kernel_configs.py records GPU kernel choices: it needs a CUDA GPU")

@@ -49,15 +49,17 @@ def active_matmul_params(hf_model, config) -> int:
 
 
 def mixing_flops_forward(config, length: int) -> float:
+    from megatron_student.student.spec import KdaSpec, layer_specs
+
     flops = 0.0
-    for kind in config.attention_kinds:
-        if kind in ("swa_tpa", "softmax_sliding", "softmax_full"):
-            window = length if kind == "softmax_full" else config.window
+    for spec in layer_specs(config):
+        if isinstance(spec, KdaSpec):
+            K, C = spec.head_dim, KDA_CHUNK
+            flops += spec.v_heads * (6 * length * K * K + 3 * length * C * K + length * C * C)
+        else:  # softmax or SWA+TPA: window None is full causal
+            window = length if spec.window is None else spec.window
             visible = sum(min(t + 1, window) for t in range(length))
-            flops += 4 * config.num_attention_heads * config.head_dim * visible
-        elif kind == "kda":
-            K, C = config.kda_head_dim, KDA_CHUNK
-            flops += config.kda_num_v_heads * (6 * length * K * K + 3 * length * C * K + length * C * C)
+            flops += 4 * spec.num_heads * spec.head_dim * visible
     return flops
 
 

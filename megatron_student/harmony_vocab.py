@@ -15,6 +15,16 @@ import struct
 import tempfile
 from pathlib import Path
 
+# The Harmony special tokens of gpt-oss's o200k_harmony vocabulary (one table for the package).
+STARTOFTEXT = 199998  # gpt-oss's bos_token_id
+ENDOFTEXT = 199999  # pad_token_id, and the padding after a finished turn
+RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE = 200002, 200003, 200005, 200006, 200007, 200008
+CALL = 200012
+HARMONY_MAX_TOKEN_ID = 200018  # <|endofprompt|>, the highest special token
+# Ids that end an assistant turn: <|return|>, <|call|>, and <|endoftext|> (gpt-oss generation_config).
+HARMONY_STOP_TOKEN_IDS = [RETURN, CALL, ENDOFTEXT]
+GPT_OSS_VOCAB_SIZE = 201088  # the model's (padded) vocabulary
+
 O200K_FILENAME = "o200k_base.tiktoken"
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_NUM_RANKS = 199998

@@ -44,13 +44,15 @@ def test_student_layers_on_gpu_match_cpu_reference(tmp_path):
     from megatron_student.student.config import StudentConfig
     from megatron_student.ops.rope import YarnRope
     from megatron_student.student.modeling import KdaAttention, SwaTpaAttention, make_positions
+    from megatron_student.student.spec import layer_specs
 
     teacher = GptOssConfig(hidden_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
                            num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
     config = StudentConfig.from_teacher(teacher)
+    specs = layer_specs(config)  # the default plan: SWA+TPA on the sliding layer 0, KDA on the full layer 1
     torch.manual_seed(0)
-    for layer_cls in (SwaTpaAttention, KdaAttention):
-        layer = layer_cls(config, 0)
+    for layer_cls, spec in ((SwaTpaAttention, specs[0]), (KdaAttention, specs[1])):
+        layer = layer_cls(spec, 0)
         yarn = YarnRope.from_hf_config(config)
         with torch.no_grad():
             for p in layer.parameters():

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from megatron_harness import MIXED_PLAN, hf_student, rel, run_distributed
-from test_convert_workers import student_resave_worker, teacher_logits_worker
+from convert_workers import student_resave_worker, teacher_logits_worker
 
 from megatron_student.cli import main as cli
 from megatron_student.student.modeling import HARMONY_STOP_TOKEN_IDS, SHIM_FILES

@@ -123,7 +123,7 @@ def test_split_is_stable_under_reordering_and_resharding(tmp_path):
     shards = [write_jsonl(tmp_path / f"part{k}.jsonl", shuffled[k::3]) for k in range(3)]
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a = prepare(load_manifest(write_manifest(tmp_path / "a", [one])), tmp_path / "a" / "out", 512, progress=False)
-    b = prepare(load_manifest(write_manifest(tmp_path / "b", shards)), tmp_path / "b" / "out", 512, progress=False)
+    prepare(load_manifest(write_manifest(tmp_path / "b", shards)), tmp_path / "b" / "out", 512, progress=False)
     assert 0 < a["splits"]["valid"]["conversations"] < len(records)
     for split in ("train", "valid"):
         assert stored_conversations(tmp_path / "a" / "out", split) == stored_conversations(tmp_path / "b" / "out", split)

@@ -12,16 +12,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_student.ops.kda import (
     causal_short_conv,
-    gated_rms_norm,
     kda,
     kda_gate,
     kda_recurrent_step,
     kda_reference,
 )
+from megatron_student.ops.norm import gated_rms_norm
 
 pytestmark = pytest.mark.gpu
 

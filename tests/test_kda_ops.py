@@ -20,13 +20,13 @@ with warnings.catch_warnings():
 
 from megatron_student.ops.kda import (
     causal_short_conv,
-    gated_rms_norm,
     kda,
     kda_gate,
     kda_recurrent_step,
     kda_reference,
     l2_normalize,
 )
+from megatron_student.ops.norm import gated_rms_norm
 
 F64 = torch.float64
 

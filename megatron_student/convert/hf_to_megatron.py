@@ -41,18 +41,18 @@ from megatron.core.dist_checkpointing.mapping import apply_factories
 from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
+from ..dtypes import CHECKPOINT_DTYPES, DTYPES
 from ..megatron import ParallelConfig, build_student, build_teacher, hf_to_megatron_state_dict, initialize_parallel
 from ..megatron import restore_fp32_parameters
+from ..megatron.mapping import megatron_key
 from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM
 from ..teacher import TeacherCheckpoint
 from ..teacher.checkpoint import stored_tensor_files
 from ..teacher.config import CONFIG_NAME
 from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
-from .megatron_to_hf import megatron_source
 from .streaming_save import StreamingSaveStrategy
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VOCAB_DIVISIBLE_BY = 128  # ParallelConfig.make_vocab_size_divisible_by
 MODEL_TYPES = {"teacher": "gpt_oss", "student": StudentConfig.model_type}
 
@@ -171,8 +171,8 @@ class StreamedShards:
         self.model, self.reader = model, reader
         self.placeholders = {name: torch.empty(reader.shape(name), device="meta") for name in reader.tensor_names()}
         self.hf_names: dict[str, set[str]] = defaultdict(set)  # unit -> the HF tensors it is made from
-        for name, placeholder in self.placeholders.items():
-            self.hf_names[unit_of(megatron_source(name, tuple(placeholder.shape))[0])].add(name)
+        for name in self.placeholders:
+            self.hf_names[unit_of(megatron_key(name)[1])].add(name)
         self.shards: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def pop(self, key: str, global_offset: tuple[int, ...]) -> torch.Tensor:
@@ -250,6 +250,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
         raise ConversionError(f"--role {role!r}: choose one of {sorted(MODEL_TYPES)}")
     if tp < 1 or ep < 1:
         raise ConversionError(f"--tp {tp} / --ep {ep}: parallel sizes must be positive")
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {list(CHECKPOINT_DTYPES)}")
     output_dir = Path(output_dir)
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir}: already exists; pass --force to replace it")
@@ -299,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", required=True, choices=sorted(MODEL_TYPES))
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size it will be loaded at (vocab padding)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size it will be loaded at (checked)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+    parser.add_argument("--dtype", choices=CHECKPOINT_DTYPES, default="bf16",
                         help="parameter dtype (router and KDA A_log/dt_bias stay fp32)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 

@@ -7,17 +7,8 @@ so the tensors of one decoder layer (or the embedding / output layer alone) are 
 ``hf_io.StreamingCheckpointWriter``. Peak memory: one layer in the checkpoint dtype (or the embedding) plus the bf16
 copy of its largest tensor (a layer's stacked experts, [E, 2I, H]), plus one pending HF shard (``--max-shard-mb``).
 
-Mapping (the inverse of ``megatron.weights``; Megatron global keys):
-
-| Megatron | HF | rule |
-|---|---|---|
-| ``embedding.word_embeddings.weight`` / ``output_layer.weight`` | ``model.embed_tokens.weight`` / ``lm_head.weight`` | drop the vocabulary padding |
-| ``decoder.final_layernorm.weight`` | ``model.norm.weight`` | copy |
-| ``decoder.layers.N.input_layernorm.weight`` / ``pre_mlp_layernorm.weight`` | ``…input_layernorm.weight`` / ``post_attention_layernorm.weight`` | copy |
-| ``decoder.layers.N.self_attention.<p>`` | ``model.layers.N.self_attn.<p>`` | reshape to the HF shape |
-| ``decoder.layers.N.mlp.router.{weight,bias}`` | same under ``model.layers.N`` | copy |
-| ``…mlp.experts.experts.linear_fc1.weight`` [E, 2I, H] / ``.bias`` [E, 2I] | ``mlp.experts.gate_up_proj`` [E, H, 2I] / ``_bias`` | re-interleave [gate; up] → gate even, up odd; transpose the weight |
-| ``…mlp.experts.experts.linear_fc2.weight`` [E, H, I] / ``.bias`` | ``mlp.experts.down_proj`` [E, I, H] / ``_bias`` | transpose the weight |
+Mapping: the rows of ``megatron.mapping`` (the table the import iterates too), each HF tensor read from its
+global checkpoint key and turned into the HF layout by the row's ``to_hf``.
 """
 
 from __future__ import annotations
@@ -35,8 +26,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from ..hf_io import StreamingCheckpointWriter
+from ..megatron.mapping import megatron_key
 from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM, write_bundle_files
+from ..student.spec import layer_specs
 from ..student.surgery import FP32_PARAMETERS
 from .common import METADATA_KEY, ConversionError, resolve_megatron_dir
 
@@ -74,41 +67,13 @@ class MegatronCheckpoint:
         return self.get_many([key])[key]
 
 
-def interleave_gate_up(stacked: torch.Tensor, dim: int) -> torch.Tensor:
-    """Megatron [gate; up] along ``dim`` → HF interleaved (gate even, up odd); inverse of
-    ``megatron.weights.deinterleave_gate_up``."""
-    gate, up = stacked.chunk(2, dim=dim)
-    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
-
-
 def megatron_source(hf_name: str, hf_shape: tuple[int, ...]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The Megatron global key holding ``hf_name`` and the function turning that tensor into the HF one."""
-    vocab = hf_shape[0]
-    direct = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
-    if hf_name in direct:
-        return direct[hf_name], lambda t: t[:vocab]
-    if hf_name == "model.norm.weight":
-        return "decoder.final_layernorm.weight", lambda t: t
-    parts = hf_name.split(".")
-    if parts[:2] != ["model", "layers"] or len(parts) < 5:
-        raise ConversionError(f"no Megatron source for HF tensor '{hf_name}'")
-    layer, rest = f"decoder.layers.{parts[2]}.", ".".join(parts[3:])
-    experts = layer + "mlp.experts.experts."
-    rules = {
-        "input_layernorm.weight": (layer + "input_layernorm.weight", lambda t: t),
-        "post_attention_layernorm.weight": (layer + "pre_mlp_layernorm.weight", lambda t: t),
-        "mlp.router.weight": (layer + "mlp.router.weight", lambda t: t),
-        "mlp.router.bias": (layer + "mlp.router.bias", lambda t: t),
-        "mlp.experts.gate_up_proj": (experts + "linear_fc1.weight", lambda t: interleave_gate_up(t, 1).transpose(1, 2)),
-        "mlp.experts.gate_up_proj_bias": (experts + "linear_fc1.bias", lambda t: interleave_gate_up(t, 1)),
-        "mlp.experts.down_proj": (experts + "linear_fc2.weight", lambda t: t.transpose(1, 2)),
-        "mlp.experts.down_proj_bias": (experts + "linear_fc2.bias", lambda t: t),
-    }
-    if rest in rules:
-        return rules[rest]
-    if rest.startswith("self_attn."):
-        return layer + "self_attention." + rest[len("self_attn."):], lambda t: t.reshape(hf_shape)
-    raise ConversionError(f"no Megatron source for HF tensor '{hf_name}'")
+    try:
+        row, key = megatron_key(hf_name)
+    except KeyError as e:
+        raise ConversionError(e.args[0]) from None
+    return key, lambda t: row.to_hf(t, torch.Size(hf_shape))
 
 
 def layer_of(hf_name: str) -> str:
@@ -118,7 +83,7 @@ def layer_of(hf_name: str) -> str:
 
 
 def model_card(config: StudentConfig, metadata: dict, source: Path) -> str:
-    kinds = config.attention_kinds
+    kinds = [spec.kind for spec in layer_specs(config)]
     counts = ", ".join(f"{kinds.count(k)} × {k}" for k in dict.fromkeys(kinds))
     return "\n".join([
         "# gpt-oss student", "",

@@ -33,14 +33,14 @@ from typing import Iterable, Sequence
 
 from openai_harmony import HarmonyError, Role, StreamableParser, StreamState
 
-from megatron_student.data.render import CALL, END, ENDOFTEXT, MESSAGE, MODEL_VOCAB_SIZE, RETURN, START
+from megatron_student.data.render import MODEL_VOCAB_SIZE
 from megatron_student.data.schema import CHANNELS, SPECIAL_TEXT
-from megatron_student.harmony_vocab import harmony_encoding
+from megatron_student.harmony_vocab import (CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START,
+                                            STARTOFTEXT, harmony_encoding)
 
 ISSUE_KINDS = ("invalid_token", "broken_header", "leaked_special_token", "wrong_stop_token", "unterminated",
                "tokens_after_stop", "missing_final", "empty_final")
-CHANNEL, CONSTRAIN = 200005, 200003
-FIRST_SPECIAL = 199998
+FIRST_SPECIAL = STARTOFTEXT
 _HEADER_SPECIALS = {CHANNEL, CONSTRAIN, MESSAGE}
 _STOPS = {END, RETURN, CALL}
 _NO_STOP = -1  # a message the stream ends inside

@@ -15,12 +15,10 @@ from openai_harmony import Conversation, RenderConversationConfig
 
 from megatron_student.data.schema import ParsedConversation
 from megatron_student.data.weighting import HeuristicWeighter, Weighter, token_byte_lengths, token_weights
-from megatron_student.harmony_vocab import harmony_encoding
+from megatron_student.harmony_vocab import ENDOFTEXT, GPT_OSS_VOCAB_SIZE, MESSAGE, START, harmony_encoding
 
-START, MESSAGE, END, RETURN, CALL = 200006, 200008, 200007, 200002, 200012
-ENDOFTEXT = 199999
 PAD_TOKEN_ID = ENDOFTEXT
-MODEL_VOCAB_SIZE = 201088
+MODEL_VOCAB_SIZE = GPT_OSS_VOCAB_SIZE
 
 FLAG_LABEL = 1  # the token is a training target
 FLAG_ANALYSIS = 2  # content or terminator of an assistant analysis message
@@ -90,7 +88,8 @@ def kept_messages(conversation: ParsedConversation, config: RenderConfig) -> lis
         return list(range(len(msgs)))
     if config.earlier_analysis == "drop":
         return [i for i, m in enumerate(msgs) if i >= turn or m.channel != "analysis" or m.role != "assistant"]
-    # Harmony's rule (architecture.md §5.4), with the trained turn protected.
+    # Harmony's auto_drop_analysis rule (when the last assistant message is a final, drop analysis messages
+    # before the first final), with the trained turn protected.
     last_assistant = next(m for m in reversed(msgs) if m.role == "assistant")
     if last_assistant.channel != "final":
         return list(range(len(msgs)))

@@ -1,7 +1,7 @@
 """Megatron-Core building blocks shared by the student and the teacher: an SP-capable RMSNorm, the gpt-oss router,
 the clamped-SwiGLU expert activation, and tensor-parallel parameter holders.
 
-All math comes from ``megatron_student.ops``. Tensor-parallel rules (megatron.md §6):
+All math comes from ``megatron_student.ops``. Tensor-parallel rules:
 - a TP-sharded raw parameter carries ``tensor_model_parallel``/``partition_dim`` (set here) and is saved with that
   axis in ``sharded_state_dict``;
 - a replicated parameter that only sees this rank's heads or sequence shard gets a partial gradient; it is flagged
@@ -69,7 +69,7 @@ class Projection(torch.nn.Module):
         return F.linear(x, weight, bias)
 
 
-class RMSNorm(torch.nn.Module):
+class ParallelRMSNorm(torch.nn.Module):
     """gpt-oss RMSNorm (fp32 math, ops.norm) usable under sequence parallelism: with SP each rank normalises its
     sequence shard, so the weight's gradient is partial and is summed over TP (``sequence_parallel`` flag)."""
 

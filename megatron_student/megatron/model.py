@@ -29,18 +29,18 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from ..ops.rope import YarnRope
+from ..student.spec import AttentionSpec, layer_specs
 from ..teacher.config import swiglu_limit
 from . import compat
-from .attention import ATTENTION_CLASSES, AttentionSettings
-from .layers import ClampedSwiGLU, GptOssRouter, RMSNorm, padded_vocab_size
+from .attention import parallel_attention_class
+from .layers import ClampedSwiGLU, GptOssRouter, ParallelRMSNorm, padded_vocab_size
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """Parallel layout and numerics of one model. ``sequence_parallel`` None: on exactly when TP > 1 (Megatron's MoE
     requires it with TP, and the replicated-gradient rules of layers.py rely on it). Expert TP is always 1
-    (biased experts, megatron.md §1.1)."""
+    (Megatron-Core 0.16.1 allows biased experts, ``add_bias_linear`` with MoE, only at expert TP 1)."""
 
     tensor_parallel: int = 1
     expert_parallel: int = 1
@@ -136,30 +136,6 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     )
 
 
-def _attention_settings(hf_config, kind: str, parallel: ParallelConfig, student: bool) -> AttentionSettings:
-    common = dict(
-        kind=kind, num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads,
-        head_dim=hf_config.head_dim, rope=YarnRope.from_hf_config(hf_config),
-        attention_bias=bool(hf_config.attention_bias), backend=parallel.attention_backend,
-        norm_eps=hf_config.rms_norm_eps)
-    window = hf_config.window if student else hf_config.sliding_window
-    if kind == "softmax_full":
-        return AttentionSettings(**common)
-    if kind == "softmax_sliding":
-        return AttentionSettings(**common, window=window)
-    if kind == "swa_tpa":
-        q_rank, k_rank, v_rank = hf_config.tpa_ranks
-        return AttentionSettings(
-            **common, window=window, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank,
-            tpa_contextual=hf_config.tpa_contextual, grape=hf_config.position_encoding == "grape_m",
-            grape_learned_basis=hf_config.grape_learned_basis)
-    if kind == "kda":
-        return AttentionSettings(
-            **common, kda_num_heads=hf_config.kda_num_heads, kda_num_v_heads=hf_config.kda_num_v_heads,
-            kda_conv_size=hf_config.kda_conv_size, kda_lower_bound=hf_config.kda_lower_bound)
-    raise ValueError(f"unknown attention kind {kind!r}; choose one of {sorted(ATTENTION_CLASSES)}")
-
-
 def moe_spec(swiglu_limit: float) -> ModuleSpec:
     experts = ModuleSpec(
         module=SequentialMLP,
@@ -172,21 +148,23 @@ def moe_spec(swiglu_limit: float) -> ModuleSpec:
     return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
 
 
-def layer_spec(settings: AttentionSettings, swiglu_limit: float) -> ModuleSpec:
+def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "auto") -> ModuleSpec:
+    """One decoder layer: its attention from the layer's spec (``student.spec``), the gpt-oss MoE."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
-            self_attention=ModuleSpec(module=ATTENTION_CLASSES[settings.kind], params={"settings": settings}),
+            input_layernorm=ParallelRMSNorm,
+            self_attention=ModuleSpec(module=parallel_attention_class(attention),
+                                      params={"attention_spec": attention, "backend": backend}),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=ParallelRMSNorm,
             mlp=moe_spec(swiglu_limit),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def _build(hf_config, kinds: list[str], parallel: ParallelConfig, student: bool) -> GPTModel:
+def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
     compat.apply()
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("call megatron_student.megatron.initialize_parallel(parallel) before building a model")
@@ -195,10 +173,10 @@ def _build(hf_config, kinds: list[str], parallel: ParallelConfig, student: bool)
         raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
     config = transformer_config(hf_config, parallel)
     limit = swiglu_limit(hf_config)
-    specs = [layer_spec(_attention_settings(hf_config, kind, parallel, student), limit) for kind in kinds]
+    specs = [layer_spec(attention, limit, parallel.attention_backend) for attention in layer_specs(hf_config)]
     offset = get_transformer_layer_offset(config)
     local = specs[offset: offset + get_num_layers_to_build(config)]
-    block = TransformerBlockSubmodules(layer_specs=local, layer_norm=RMSNorm)
+    block = TransformerBlockSubmodules(layer_specs=local, layer_norm=ParallelRMSNorm)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block,
@@ -225,15 +203,11 @@ def _grad_requiring_output(module, args, output):
 
 def build_student(student_config, parallel: ParallelConfig) -> GPTModel:
     """The student (``StudentConfig``: gpt-oss plus an attention plan) as a Megatron-Core GPTModel for this rank."""
-    return _build(student_config, list(student_config.attention_kinds), parallel, student=True)
-
-
-TEACHER_KINDS = {"sliding_attention": "softmax_sliding", "full_attention": "softmax_full"}
+    if getattr(student_config, "plan", None) is None:
+        raise TypeError(f"build_student needs a StudentConfig (with an attention plan), got {type(student_config).__name__}")
+    return _build(student_config, parallel)
 
 
 def build_teacher(teacher_config, parallel: ParallelConfig) -> GPTModel:
     """gpt-oss (a transformers ``GptOssConfig``) as a Megatron-Core GPTModel for this rank."""
-    unknown = sorted(set(teacher_config.layer_types) - set(TEACHER_KINDS))
-    if unknown:
-        raise ValueError(f"teacher layer_types {unknown} are not gpt-oss layer types {sorted(TEACHER_KINDS)}")
-    return _build(teacher_config, [TEACHER_KINDS[t] for t in teacher_config.layer_types], parallel, student=False)
+    return _build(teacher_config, parallel)

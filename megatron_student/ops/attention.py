@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 REFERENCE_QUERY_BLOCK = 256
 

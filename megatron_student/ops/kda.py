@@ -6,7 +6,8 @@ heads are local to them; the functions take plain tensors and own no
 parameters.
 
 Semantics follow flash-linear-attention 0.6.0 (``fla.ops.kda``,
-``fla.modules.ShortConvolution``, ``fla.modules.FusedRMSNormGated``):
+``fla.modules.ShortConvolution``; the output norm ``fla.modules.FusedRMSNormGated`` is
+``ops.norm.gated_rms_norm``, the layer composition ``ops.layers.kda_layer``):
 
 Per value head, with state ``S`` of shape ``[K, V]`` (K-first), log-decay
 ``g_t <= 0`` (one value per key channel), ``beta_t`` in (0, 1), and
@@ -41,12 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import use_fixed_configs
+from .norm import accumulation_dtype
 
 __all__ = [
     "MAX_HEAD_K",
     "causal_short_conv",
-    "gated_rms_norm",
     "kda",
+    "kda_from_logits",
     "kda_gate",
     "kda_recurrent_step",
     "kda_reference",
@@ -57,13 +59,6 @@ MAX_HEAD_K = 256  # fla's KDA kernels assert K <= 256
 L2NORM_EPS = 1e-6  # fla's l2norm / in-kernel q/k normalisation epsilon
 DECODE_MAX_TOKENS = 64  # fla's layer uses fused_recurrent for q_len <= 64 at inference
 _SUB = 8  # sub-block size of the reference's intra-chunk decay products
-
-
-def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 when any input is float64, otherwise float32."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int, what: str) -> list[int]:
@@ -92,7 +87,7 @@ def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     This is fla's ``l2norm`` (and the in-kernel q/k normalisation of the KDA kernels): eps is
     added to the squared norm inside the square root, unlike ``F.normalize``. Returns x.dtype.
     """
-    xf = x.to(_acc_dtype(x))
+    xf = x.to(accumulation_dtype(x))
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -129,7 +124,7 @@ def kda_gate(
         raise ValueError(f"kda_gate: dt_bias must have shape [HV*K]=[{HV * K}], got {list(dt_bias.shape)}")
     if lower_bound is not None and not lower_bound < 0:
         raise ValueError(f"kda_gate: lower_bound must be negative, got {lower_bound}")
-    acc = _acc_dtype(f, A_log, dt_bias)
+    acc = accumulation_dtype(f, A_log, dt_bias)
     x = f.to(acc).unflatten(-1, (HV, K))
     if dt_bias is not None:
         x = x + dt_bias.to(acc).view(HV, K)
@@ -137,39 +132,6 @@ def kda_gate(
     if lower_bound is None:
         return -a * F.softplus(x)
     return lower_bound * torch.sigmoid(a * x)
-
-
-def gated_rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    gate: torch.Tensor,
-    eps: float = 1e-5,
-    activation: str = "sigmoid",
-) -> torch.Tensor:
-    """``rmsnorm(x) * weight * act(gate)`` over the last dim (per head), fp32 math, returns x.dtype.
-
-    ``rmsnorm(x) = x / sqrt(mean(x**2, -1) + eps)``; ``act`` is ``sigmoid`` (KDA's output gate) or
-    ``swish``/``silu`` (``gate * sigmoid(gate)``). Matches fla's
-    ``FusedRMSNormGated(D, eps=eps, activation=activation)``. ``weight`` is ``[D]`` or None.
-    """
-    if gate.shape != x.shape:
-        raise ValueError(f"gated_rms_norm: gate shape {list(gate.shape)} != x shape {list(x.shape)}")
-    if weight is not None and weight.shape != x.shape[-1:]:
-        raise ValueError(f"gated_rms_norm: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}")
-    if activation not in ("sigmoid", "swish", "silu"):
-        raise ValueError(f"gated_rms_norm: unsupported activation {activation!r}")
-    if x.is_cuda and x.dtype != torch.float64:
-        use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
-        from fla.modules.fused_norm_gate import rms_norm_gated
-
-        return rms_norm_gated(x, gate, weight, None, activation=activation, eps=eps)
-    acc = _acc_dtype(x, weight, gate)
-    xf, gf = x.to(acc), gate.to(acc)
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.to(acc)
-    y = y * (torch.sigmoid(gf) if activation == "sigmoid" else F.silu(gf))
-    return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +199,7 @@ def causal_short_conv(
             x, weight, bias, initial_state=initial_state, output_final_state=output_final_state,
             activation=activation, cu_seqlens=cu_seqlens)
         return y, final_state
-    acc = _acc_dtype(x, weight, bias, initial_state)
+    acc = accumulation_dtype(x, weight, bias, initial_state)
     dev = x.device
     # Each sequence gets W slots in front of its tokens holding its initial state (or zeros), so
     # one valid (unpadded) conv over the extended sequence never mixes two sequences.
@@ -374,7 +336,7 @@ def kda_reference(
     if chunk_size <= 0 or chunk_size % _SUB != 0:
         raise ValueError(f"kda_reference: chunk_size must be a positive multiple of {_SUB}, got {chunk_size}")
     C = chunk_size
-    acc = _acc_dtype(q, k, v, g, beta, initial_state)
+    acc = accumulation_dtype(q, k, v, g, beta, initial_state)
     dev = q.device
 
     qf, kf = q.to(acc), k.to(acc)
@@ -470,7 +432,7 @@ def kda_recurrent_step(
     HV = v.shape[1]
     if scale is None:
         scale = K**-0.5
-    acc = _acc_dtype(q, k, v, g, beta, state)
+    acc = accumulation_dtype(q, k, v, g, beta, state)
     qf, kf = q.to(acc), k.to(acc)
     if use_qk_l2norm:
         qf, kf = l2_normalize(qf), l2_normalize(kf)

@@ -8,6 +8,7 @@ o1 = x1·cos − x2·sin, o2 = x2·cos + x1·sin, and cos/sin carry YaRN's conce
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +110,12 @@ def apply_grape_m(
         return apply_rotary(x, cos, sin)
     basis = basis.to(x.dtype)
     return apply_rotary(x @ basis, cos, sin) @ basis.transpose(-1, -2)
+
+
+def rotation(cos: torch.Tensor, sin: torch.Tensor, plane_skew: torch.Tensor | None = None
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The position map of one forward, built once for q and the K factors: the half-split plane rotations of
+    cos/sin (RoPE, or GRAPE-M at its learned frequencies), in the learned plane basis exp(S − Sᵀ) when a skew S
+    is given."""
+    basis = orthogonal_from_skew(plane_skew) if plane_skew is not None else None
+    return lambda x: apply_grape_m(x, cos, sin, basis)

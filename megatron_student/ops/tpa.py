@@ -11,7 +11,9 @@ the teacher when W_A = 0. Lower ranks come from an SVD of the per-head projectio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,9 +26,32 @@ def tpa_combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...rh,...rd->...hd", a, b) / rank
 
 
-def head_factor(a0: torch.Tensor, contextual: torch.Tensor | None) -> torch.Tensor:
-    """a0 [R, H] plus the contextual part W_A·x reshaped to [..., R, H] (None: non-contextual TPA)."""
-    return a0 if contextual is None else a0 + contextual
+class TpaProjection(NamedTuple):
+    """One TPA projection's parameters: the constant head factor A0 [R, H], the contextual head factor
+    W_A (a callable x → [..., R·H]; None: non-contextual TPA) and the token factor W_B (x → [..., R·D])."""
+
+    a0: torch.Tensor
+    a_proj: Callable[[torch.Tensor], torch.Tensor] | None
+    b_proj: Callable[[torch.Tensor], torch.Tensor]
+
+
+def named_projection(module, name: str, rank: int | None) -> TpaProjection | Callable[[torch.Tensor], torch.Tensor]:
+    """The ``name`` (q, k or v) projection of an SWA+TPA module of either realization, by the parameter names
+    both share (so the converters map them by name): ``{name}_a0``, ``{name}_a_proj``, ``{name}_b_proj`` when
+    factored (``rank`` set), else the plain ``{name}_proj``."""
+    if rank is None:
+        return getattr(module, f"{name}_proj")
+    return TpaProjection(getattr(module, f"{name}_a0"), getattr(module, f"{name}_a_proj"), getattr(module, f"{name}_b_proj"))
+
+
+def tpa_factors(x: torch.Tensor, proj: TpaProjection, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T, hidden] → head factor a = A0 + W_A·x [B, T, R, H] and token factor b = W_B·x + b_B [B, T, R, D]."""
+    B, T, _ = x.shape
+    rank, heads = proj.a0.shape
+    a = proj.a0.to(x.dtype).expand(B, T, rank, heads)
+    if proj.a_proj is not None:
+        a = a + proj.a_proj(x).view(B, T, rank, heads)
+    return a, proj.b_proj(x).view(B, T, rank, head_dim)
 
 
 @dataclass

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..harmony_vocab import harmony_encoding
-from .modeling import HARMONY_STOP_TOKEN_IDS
+from ..harmony_vocab import HARMONY_STOP_TOKEN_IDS, harmony_encoding
 
 REASONING_EFFORTS = ("low", "medium", "high")
 

@@ -18,16 +18,14 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..ops.attention import sink_attention
-from ..ops.kda import causal_short_conv, gated_rms_norm, kda_from_logits
+from ..harmony_vocab import HARMONY_STOP_TOKEN_IDS
+from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
 from ..ops.moe import experts_forward, router_topk_softmax
 from ..ops.norm import rms_norm
-from ..ops.rope import YarnRope, apply_grape_m, apply_rotary, orthogonal_from_skew, rope_cos_sin, token_positions
-from ..ops.tpa import tpa_combine
+from ..ops.rope import YarnRope, rope_cos_sin, token_positions
+from ..ops.tpa import named_projection
 from .config import StudentConfig
-
-# Harmony ids that end an assistant turn: <|return|>, <|call|>, and <|endoftext|> (gpt-oss generation_config).
-HARMONY_STOP_TOKEN_IDS = [200002, 200012, 199999]
+from .spec import AttentionSpec, KdaSpec, SoftmaxSpec, SwaTpaSpec, layer_specs
 
 
 class StudentCache:
@@ -94,20 +92,6 @@ def padded_positions(valid: torch.Tensor, cache: StudentCache | None) -> torch.T
     return base[:, None] + (counted - valid.long()).clamp(min=0)
 
 
-def _cached_keys(cache: StudentCache | None, layer_idx: int, keys: dict[str, torch.Tensor], positions: Positions,
-                 keep: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """This chunk's per-position key tensors [B, T, ...] appended to the layer's cache (which keeps the last
-    ``keep``), and the attention key mask over them (None when no key is padding: the unmasked fast path)."""
-    if cache is None:
-        return keys, positions.valid
-    B, T = positions.ids.shape
-    valid = positions.valid if positions.valid is not None else torch.ones(B, T, dtype=torch.bool, device=positions.ids.device)
-    full = _append(cache.layers[layer_idx], {**keys, "valid": valid})
-    cache.layers[layer_idx] = _trim(full, keep)
-    keys_valid = full["valid"]
-    return {name: full[name] for name in keys}, None if bool(keys_valid.all()) else keys_valid
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -118,114 +102,98 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class SoftmaxAttention(nn.Module):
-    """The teacher's attention, kept: GQA + sinks + YaRN RoPE, sliding (window) or full causal."""
+def _cache_extend(cache: StudentCache | None, layer_idx: int, keep: int | None):
+    """The ``ops.layers`` cache hook of one layer: append this call's positions (and their padding flags) to the
+    cached ones, keep the last ``keep`` (all when None), and return the keys with their attention mask (None
+    when no key is padding: the unmasked fast path); None without a cache."""
+    if cache is None:
+        return None
 
-    def __init__(self, config: StudentConfig, layer_idx: int, window: int | None):
+    def extend(new: dict[str, torch.Tensor], valid: torch.Tensor | None):
+        B, T = next(iter(new.values())).shape[:2]
+        flags = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=next(iter(new.values())).device)
+        full = _append(cache.layers[layer_idx], {**new, "valid": flags})
+        cache.layers[layer_idx] = _trim(full, keep)
+        keys_valid = full["valid"]
+        return {name: full[name] for name in new}, None if bool(keys_valid.all()) else keys_valid
+
+    return extend
+
+
+class SoftmaxAttention(nn.Module):
+    """The teacher's attention, kept: GQA + sinks + YaRN RoPE, sliding (window) or full causal
+    (``ops.layers.softmax_sink_layer``)."""
+
+    def __init__(self, spec: SoftmaxSpec, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.window = layer_idx, window
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.spec, self.layer_idx = spec, layer_idx
+        H, G, D, hidden, bias = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.bias
+        self.q_proj = nn.Linear(hidden, H * D, bias=bias)
+        self.k_proj = nn.Linear(hidden, G * D, bias=bias)
+        self.v_proj = nn.Linear(hidden, G * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, hidden, bias=bias)
+        self.sinks = nn.Parameter(torch.empty(H))
 
     def forward(self, x, positions: Positions, cu_seqlens=None, cache: StudentCache | None = None):
-        B, T, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions.cos, positions.sin)
-        k = apply_rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), positions.cos, positions.sin)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        keys, key_mask = _cached_keys(cache, self.layer_idx, {"k": k, "v": v}, positions,
-                                      None if self.window is None else self.window - 1)
-        o = sink_attention(q, keys["k"], keys["v"], self.sinks, window=self.window, cu_seqlens=cu_seqlens,
-                           key_mask=key_mask)
-        return self.o_proj(o.reshape(B, T, -1))
+        window = self.spec.window
+        return softmax_sink_layer(
+            x, self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.sinks, positions.cos, positions.sin,
+            head_dim=self.spec.head_dim, window=window, cu_seqlens=cu_seqlens, valid=positions.valid,
+            extend=_cache_extend(cache, self.layer_idx, None if window is None else window - 1))
 
 
 class SwaTpaAttention(nn.Module):
-    """Sliding-window attention with sinks whose K and V (and optionally Q) are tensor products
-    (1/R)·Σ_r a_r(x) ⊗ b_r(x), a(x) = A0 + W_A·x; RoPE/GRAPE-M rotates the B factors. With q_rank None,
-    Q is a plain projection (TPA-KVonly). The cache holds the factors, not the per-head K/V."""
+    """Parameters and cache of SWA + TPA (``ops.layers.swa_tpa_layer``): for each factored projection A0 [R, H],
+    W_A (``{q,k,v}_a_proj``, when contextual) and W_B (``{q,k,v}_b_proj``); with q_rank None, Q is a plain
+    projection (TPA-KVonly). GRAPE-M adds the learnable plane frequencies and optionally a plane basis."""
 
-    def __init__(self, config: StudentConfig, layer_idx: int):
+    def __init__(self, spec: SwaTpaSpec, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.window = layer_idx, config.window
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        hidden, H, D = config.hidden_size, self.num_heads, self.head_dim
-        self.q_rank, self.k_rank, self.v_rank = config.tpa_ranks
-        self.contextual = config.tpa_contextual
-        if self.q_rank is None:
-            self.q_proj = nn.Linear(hidden, H * D, bias=config.attention_bias)
-        for name, rank in (("q", self.q_rank), ("k", self.k_rank), ("v", self.v_rank)):
+        self.spec, self.layer_idx = spec, layer_idx
+        hidden, H, D = spec.hidden_size, spec.num_heads, spec.head_dim
+        if spec.q_rank is None:
+            self.q_proj = nn.Linear(hidden, H * D, bias=spec.bias)
+        for name, rank in spec.ranks.items():
             if rank is None:
                 continue
             self.register_parameter(f"{name}_a0", nn.Parameter(torch.empty(rank, H)))
-            self.add_module(f"{name}_a_proj", nn.Linear(hidden, rank * H, bias=False) if self.contextual else None)
-            self.add_module(f"{name}_b_proj", nn.Linear(hidden, rank * D, bias=config.attention_bias))
-        self.o_proj = nn.Linear(H * D, hidden, bias=config.attention_bias)
+            self.add_module(f"{name}_a_proj", nn.Linear(hidden, rank * H, bias=False) if spec.contextual else None)
+            self.add_module(f"{name}_b_proj", nn.Linear(hidden, rank * D, bias=spec.bias))
+        self.o_proj = nn.Linear(H * D, hidden, bias=spec.bias)
         self.sinks = nn.Parameter(torch.empty(H))
-        self.grape = config.position_encoding == "grape_m"
-        if self.grape:
+        if spec.grape:
             # Plane frequencies learned directly (not as logs) so step 0 equals the teacher's YaRN bit for bit.
-            self.rope_freq = nn.Parameter(YarnRope.from_hf_config(config).inv_freq())
-            self.plane_skew = nn.Parameter(torch.zeros(D, D)) if config.grape_learned_basis else None
-
-    def _rotation(self, positions: Positions):
-        """This forward's position map (shared YaRN RoPE or this layer's GRAPE-M), built once for q and K."""
-        if not self.grape:
-            return lambda x: apply_rotary(x, positions.cos, positions.sin)
-        cos, sin = rope_cos_sin(positions.ids, self.rope_freq, positions.scaling)
-        basis = orthogonal_from_skew(self.plane_skew) if self.plane_skew is not None else None
-        return lambda x: apply_grape_m(x, cos, sin, basis)
-
-    def _factors(self, name: str, x):
-        B, T, _ = x.shape
-        rank = getattr(self, f"{name}_rank")
-        a = getattr(self, f"{name}_a0").to(x.dtype).expand(B, T, rank, self.num_heads)
-        a_proj = getattr(self, f"{name}_a_proj")
-        if a_proj is not None:
-            a = a + a_proj(x).view(B, T, rank, self.num_heads)
-        return a, getattr(self, f"{name}_b_proj")(x).view(B, T, rank, self.head_dim)
+            self.rope_freq = nn.Parameter(spec.rope.inv_freq())
+            self.plane_skew = nn.Parameter(torch.zeros(D, D)) if spec.grape_learned_basis else None
 
     def forward(self, x, positions: Positions, cu_seqlens=None, cache: StudentCache | None = None):
-        B, T, _ = x.shape
-        rotate = self._rotation(positions)
-        if self.q_rank is None:
-            q = rotate(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
-        else:
-            q_a, q_b = self._factors("q", x)
-            q = tpa_combine(q_a, rotate(q_b))
-        k_a, k_b = self._factors("k", x)
-        v_a, v_b = self._factors("v", x)
-        factors, key_mask = _cached_keys(cache, self.layer_idx, {"k_a": k_a, "k_b": rotate(k_b), "v_a": v_a, "v_b": v_b},
-                                         positions, self.window - 1)
-        k = tpa_combine(factors["k_a"], factors["k_b"])
-        v = tpa_combine(factors["v_a"], factors["v_b"])
-        o = sink_attention(q, k, v, self.sinks, window=self.window, cu_seqlens=cu_seqlens, key_mask=key_mask)
-        return self.o_proj(o.reshape(B, T, -1))
+        cos, sin, skew = positions.cos, positions.sin, None
+        if self.spec.grape:
+            cos, sin = rope_cos_sin(positions.ids, self.rope_freq, positions.scaling)
+            skew = self.plane_skew
+        q, k, v = (named_projection(self, name, rank) for name, rank in self.spec.ranks.items())
+        return swa_tpa_layer(
+            x, q, k, v, self.o_proj, self.sinks, cos, sin,
+            head_dim=self.spec.head_dim, window=self.spec.window, plane_skew=skew, cu_seqlens=cu_seqlens,
+            valid=positions.valid, extend=_cache_extend(cache, self.layer_idx, self.spec.window - 1))
 
 
 class KdaAttention(nn.Module):
-    """Kimi Delta Attention (Kimi Linear / fla 0.6.0 layout) with the teacher's q/k/v/o biases kept:
-    q, k, v = SiLU(ShortConv(W x + b)); q, k L2-normalised in the op; decay g = −exp(A_log)·softplus(f + dt_bias)
-    from a low-rank f; β = σ(W_β x); o = W_o(RMSNorm_head(KDA(q, k, v)) ⊙ σ(g_up(g_down x)) ) + b_o."""
+    """Parameters and cache of Kimi Delta Attention (Kimi Linear / fla 0.6.0 layout, ``ops.layers.kda_layer``)
+    with the teacher's q/k/v/o biases kept: short convs on q, k, v; low-rank forget gate f_b·f_a with A_log and
+    dt_bias (fp32); β projection; low-rank output gate g_b·g_a and the per-head output norm."""
 
-    def __init__(self, config: StudentConfig, layer_idx: int):
+    def __init__(self, spec: KdaSpec, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        hidden, bias = config.hidden_size, config.attention_bias
-        self.num_heads, self.num_v_heads, self.head_dim = config.kda_num_heads, config.kda_num_v_heads, config.kda_head_dim
-        H, HV, K = self.num_heads, self.num_v_heads, self.head_dim
-        self.lower_bound, self.eps = config.kda_lower_bound, config.rms_norm_eps
+        self.spec, self.layer_idx = spec, layer_idx
+        hidden, bias = spec.hidden_size, spec.bias
+        H, HV, K = spec.qk_heads, spec.v_heads, spec.head_dim
         self.q_proj = nn.Linear(hidden, H * K, bias=bias)
         self.k_proj = nn.Linear(hidden, H * K, bias=bias)
         self.v_proj = nn.Linear(hidden, HV * K, bias=bias)
-        self.q_conv_weight = nn.Parameter(torch.empty(H * K, config.kda_conv_size))
-        self.k_conv_weight = nn.Parameter(torch.empty(H * K, config.kda_conv_size))
-        self.v_conv_weight = nn.Parameter(torch.empty(HV * K, config.kda_conv_size))
+        self.q_conv_weight = nn.Parameter(torch.empty(H * K, spec.conv_size))
+        self.k_conv_weight = nn.Parameter(torch.empty(H * K, spec.conv_size))
+        self.v_conv_weight = nn.Parameter(torch.empty(HV * K, spec.conv_size))
         self.f_a_proj = nn.Linear(hidden, K, bias=False)
         self.f_b_proj = nn.Linear(K, HV * K, bias=False)
         self.b_proj = nn.Linear(hidden, HV, bias=False)
@@ -237,31 +205,26 @@ class KdaAttention(nn.Module):
         self.o_proj = nn.Linear(HV * K, hidden, bias=bias)
 
     def forward(self, x, positions: Positions, cu_seqlens=None, cache: StudentCache | None = None):
-        B, T, _ = x.shape
-        H, HV, K = self.num_heads, self.num_v_heads, self.head_dim
-        state = cache.layers[self.layer_idx] if cache is not None else None
-        keep_state = cache is not None
+        out, state = kda_layer(
+            x, self.q_proj, self.k_proj, self.v_proj, (self.q_conv_weight, self.k_conv_weight, self.v_conv_weight),
+            lambda h: self.f_b_proj(self.f_a_proj(h)), self.b_proj, self.A_log, self.dt_bias,
+            lambda h: self.g_b_proj(self.g_a_proj(h)), self.o_norm_weight, self.o_proj, head_dim=self.spec.head_dim,
+            lower_bound=self.spec.lower_bound, eps=self.spec.norm_eps, cu_seqlens=cu_seqlens, valid=positions.valid,
+            state=None if cache is None else cache.layers[self.layer_idx], output_final_state=cache is not None)
+        if cache is not None:
+            cache.layers[self.layer_idx] = state
+        return out
 
-        def conv(name, projected):
-            if positions.valid is not None:  # padding enters neither the conv windows nor the state (k = 0)
-                projected = projected * positions.valid[..., None].to(projected.dtype)
-            return causal_short_conv(
-                projected, getattr(self, f"{name}_conv_weight"), activation="silu", cu_seqlens=cu_seqlens,
-                initial_state=None if state is None else state[f"{name}_conv"], output_final_state=keep_state)
 
-        q, q_conv = conv("q", self.q_proj(x))
-        k, k_conv = conv("k", self.k_proj(x))
-        v, v_conv = conv("v", self.v_proj(x))
-        o, recurrent = kda_from_logits(
-            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, K), self.f_b_proj(self.f_a_proj(x)),
-            self.b_proj(x), self.A_log, self.dt_bias, lower_bound=self.lower_bound,
-            initial_state=None if state is None else state["recurrent"], output_final_state=keep_state,
-            cu_seqlens=cu_seqlens)
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, HV, K)
-        o = gated_rms_norm(o, self.o_norm_weight, gate, self.eps)
-        if keep_state:
-            cache.layers[self.layer_idx] = {"q_conv": q_conv, "k_conv": k_conv, "v_conv": v_conv, "recurrent": recurrent}
-        return self.o_proj(o.reshape(B, T, HV * K).to(x.dtype))
+def attention_module(spec: AttentionSpec, layer_idx: int) -> nn.Module:
+    match spec:
+        case SoftmaxSpec():
+            return SoftmaxAttention(spec, layer_idx)
+        case SwaTpaSpec():
+            return SwaTpaAttention(spec, layer_idx)
+        case KdaSpec():
+            return KdaAttention(spec, layer_idx)
+    raise TypeError(f"layer {layer_idx}: no HF attention module for {type(spec).__name__}")
 
 
 class Router(nn.Module):
@@ -301,20 +264,12 @@ class MoE(nn.Module):
         return out.view_as(x), logits
 
 
-ATTENTION_MODULES = {
-    "swa_tpa": lambda config, i: SwaTpaAttention(config, i),
-    "kda": lambda config, i: KdaAttention(config, i),
-    "softmax_sliding": lambda config, i: SoftmaxAttention(config, i, config.window),
-    "softmax_full": lambda config, i: SoftmaxAttention(config, i, None),
-}
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config: StudentConfig, layer_idx: int):
+    def __init__(self, config: StudentConfig, spec: AttentionSpec, layer_idx: int):
         super().__init__()
-        self.kind = config.attention_kinds[layer_idx]
+        self.kind = spec.kind
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = ATTENTION_MODULES[self.kind](config, layer_idx)
+        self.self_attn = attention_module(spec, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config)
 
@@ -360,8 +315,8 @@ class StudentPreTrainedModel(PreTrainedModel):
             for name in ("q_a0", "k_a0", "v_a0"):
                 if hasattr(module, name):
                     getattr(module, name).normal_(0.0, 1.0)
-            if isinstance(module, SwaTpaAttention) and module.grape:
-                module.rope_freq.copy_(YarnRope.from_hf_config(self.config).inv_freq())
+            if isinstance(module, SwaTpaAttention) and module.spec.grape:
+                module.rope_freq.copy_(module.spec.rope.inv_freq())
                 if module.plane_skew is not None:
                     module.plane_skew.zero_()
         elif isinstance(module, KdaAttention):
@@ -411,7 +366,7 @@ class StudentModel(StudentPreTrainedModel):
     def __init__(self, config: StudentConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, spec, i) for i, spec in enumerate(layer_specs(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.yarn = YarnRope.from_hf_config(config)
         self.post_init()

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPES, dtype_name
 from ..hf_io import StreamingCheckpointWriter
-from ..ops.rope import YarnRope
 from ..ops.tpa import tpa_from_gqa, tpa_from_heads_svd
 from ..teacher import TeacherCheckpoint
 from .config import StudentConfig, load_plan_file
 from .modeling import KdaAttention, StudentForCausalLM, init_kda_extras, write_bundle_files
+from .spec import KdaSpec, SoftmaxSpec, SwaTpaSpec, layer_specs
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 FP32_PARAMETERS = ("A_log", "dt_bias")  # decay math stays fp32 whatever the checkpoint dtype
 
 
@@ -41,6 +41,7 @@ class Surgery:
         self.generator = torch.Generator().manual_seed(seed)
         with torch.device("meta"):
             self.expected = {n: p.shape for n, p in StudentForCausalLM(config).state_dict().items()}
+        self.specs = layer_specs(config)
         self.records: list[TensorRecord] = []
         self.tpa_errors: dict[str, float] = {}
 
@@ -53,9 +54,9 @@ class Surgery:
             tensor = tensor.float()
         elif tensor.dtype != self.dtype:
             if origin == "copied":
-                detail += f" (cast to {str(self.dtype).removeprefix('torch.')})"
+                detail += f" (cast to {dtype_name(self.dtype)})"
             tensor = tensor.to(self.dtype)
-        self.records.append(TensorRecord(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), origin, detail))
+        self.records.append(TensorRecord(name, tuple(tensor.shape), dtype_name(tensor.dtype), origin, detail))
         return name, tensor
 
     def copy(self, name: str, source: str | None = None):
@@ -76,29 +77,30 @@ class Surgery:
     def layer(self, i: int):
         p = f"model.layers.{i}."
         yield self.copy(p + "input_layernorm.weight")
-        kind = self.config.attention_kinds[i]
-        if kind in ("softmax_sliding", "softmax_full"):
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                for part in ("weight", "bias"):
-                    yield self.copy(f"{p}self_attn.{proj}.{part}")
-            yield self.copy(p + "self_attn.sinks")
-        elif kind == "swa_tpa":
-            yield from self.swa_tpa(p + "self_attn.")
-        else:
-            yield from self.kda(p + "self_attn.", i)
+        spec = self.specs[i]
+        match spec:
+            case SoftmaxSpec():
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    for part in ("weight", "bias"):
+                        yield self.copy(f"{p}self_attn.{proj}.{part}")
+                yield self.copy(p + "self_attn.sinks")
+            case SwaTpaSpec():
+                yield from self.swa_tpa(p + "self_attn.", spec)
+            case KdaSpec():
+                yield from self.kda(p + "self_attn.", spec, i)
+            case _:
+                raise TypeError(f"layer {i}: no surgery for {type(spec).__name__}")
         yield self.copy(p + "post_attention_layernorm.weight")
         for name in ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
                      "experts.down_proj", "experts.down_proj_bias"):
             yield self.copy(p + "mlp." + name)
 
-    def swa_tpa(self, p: str):
-        c = self.config
-        H, D, G = c.num_attention_heads, c.head_dim, c.num_key_value_heads
-        q_rank, k_rank, v_rank = c.tpa_ranks
-        if q_rank is None:
+    def swa_tpa(self, p: str, spec: SwaTpaSpec):
+        H, D = spec.num_heads, spec.head_dim
+        if spec.q_rank is None:
             yield self.copy(p + "q_proj.weight")
             yield self.copy(p + "q_proj.bias")
-        for name, rank in (("q", q_rank), ("k", k_rank), ("v", v_rank)):
+        for name, rank in spec.ranks.items():
             if rank is None:
                 continue
             weight, bias = self.teacher.get(f"{p}{name}_proj.weight"), self.teacher.get(f"{p}{name}_proj.bias")
@@ -113,8 +115,8 @@ class Surgery:
                 origin_b = "derived"
                 self.tpa_errors[p + name] = init.relative_error
             yield self._emit(f"{p}{name}_a0", init.a0, "derived", how)
-            if c.tpa_contextual:
-                yield self._emit(f"{p}{name}_a_proj.weight", torch.zeros(rank * H, c.hidden_size), "fresh",
+            if spec.contextual:
+                yield self._emit(f"{p}{name}_a_proj.weight", torch.zeros(rank * H, spec.hidden_size), "fresh",
                                  "zeros: contextual head factor W_A starts off, so step 0 equals A0")
             if origin_b == "copied":
                 yield self._emit(f"{p}{name}_b_proj.weight", init.b_weight, "copied", f"from {p}{name}_proj.weight")
@@ -125,17 +127,16 @@ class Surgery:
         yield self.copy(p + "o_proj.weight")
         yield self.copy(p + "o_proj.bias")
         yield self.copy(p + "sinks")
-        if c.position_encoding == "grape_m":
-            yield self._emit(p + "rope_freq", YarnRope.from_hf_config(c).inv_freq(), "derived",
+        if spec.grape:
+            yield self._emit(p + "rope_freq", spec.rope.inv_freq(), "derived",
                              "GRAPE-M plane frequencies = the teacher's YaRN inv_freq (exact RoPE at step 0)")
-            if c.grape_learned_basis:
+            if spec.grape_learned_basis:
                 yield self._emit(p + "plane_skew", torch.zeros(D, D), "fresh", "zeros: learned plane basis starts at I")
 
-    def kda(self, p: str, layer: int):
-        c = self.config
-        H, D, G = c.num_attention_heads, c.head_dim, c.num_key_value_heads
+    def kda(self, p: str, spec: KdaSpec, layer: int):
+        H, D, G = spec.num_heads, spec.head_dim, spec.num_kv_heads
         group = H // G
-        mapping = c.kda_head_mapping
+        mapping = spec.head_mapping
         q_w, q_b = self.teacher.get(p + "q_proj.weight"), self.teacher.get(p + "q_proj.bias")
         k_w, k_b = self.teacher.get(p + "k_proj.weight"), self.teacher.get(p + "k_proj.bias")
         v_w, v_b = self.teacher.get(p + "v_proj.weight"), self.teacher.get(p + "v_proj.bias")
@@ -177,7 +178,7 @@ class Surgery:
         else:
             yield self.copy(p + "o_proj.weight")
         yield self.copy(p + "o_proj.bias")
-        module = KdaAttention(c, layer)
+        module = KdaAttention(spec, layer)
         init_kda_extras(module, self.generator)
         fresh = {
             "q_conv_weight": "identity short conv (delta on the current tap)",
@@ -225,7 +226,7 @@ def init_student(
         plan = load_plan_file(plan)
     config = StudentConfig.from_teacher(teacher.config, plan, teacher_name_or_path=str(teacher_dir))
     if dtype:
-        config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+        config.dtype = dtype_name(DTYPES[dtype])
     surgery = Surgery(teacher, config, DTYPES[dtype] if dtype else None, seed)
     with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
         for name, tensor in surgery.tensors():

@@ -15,10 +15,10 @@ from typing import Any
 
 import transformers
 
+from ..harmony_vocab import GPT_OSS_VOCAB_SIZE, HARMONY_MAX_TOKEN_ID
+
 CONFIG_NAME = "config.json"
 SUPPORTED_QUANT_METHODS = ("mxfp4",)
-# The highest Harmony special token (<|call|> = 200012 is a stop token; <|endofprompt|> = 200018).
-HARMONY_MAX_TOKEN_ID = 200018
 YARN_KEYS = ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings")
 # gpt-oss's SwiGLU clamp. Released config.json files carry it as `swiglu_limit`, and so does transformers 5.24's
 # GptOssConfig; transformers 5.17's has no such field (its experts use a fixed 7.0), so a config built there
@@ -140,7 +140,7 @@ def validate_gpt_oss_config(config_dict: dict, source: str | os.PathLike = CONFI
     if vocab <= HARMONY_MAX_TOKEN_ID:
         raise TeacherConfigError(
             f"{src}: field 'vocab_size' ({vocab}) does not cover the Harmony special tokens (ids up to "
-            f"{HARMONY_MAX_TOKEN_ID}); gpt-oss uses 201088"
+            f"{HARMONY_MAX_TOKEN_ID}); gpt-oss uses {GPT_OSS_VOCAB_SIZE}"
         )
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ids = cfg.get(field)

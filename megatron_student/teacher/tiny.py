@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..dtypes import CHECKPOINT_DTYPES, DTYPES, dtype_name
+from ..harmony_vocab import CALL, ENDOFTEXT, GPT_OSS_VOCAB_SIZE, RETURN, STARTOFTEXT
 from .checkpoint import MXFP4_BLOCKS_SUFFIX, MXFP4_SCALES_SUFFIX, save_hf_checkpoint
 from .mxfp4 import BLOCK_SIZE, quantize_mxfp4
 
-GPT_OSS_VOCAB_SIZE = 201088
-GPT_OSS_BOS, GPT_OSS_EOS, GPT_OSS_PAD = 199998, 200002, 199999
-GPT_OSS_GENERATION_EOS = [200002, 199999, 200012]  # <|return|>, <|endoftext|>, <|call|>
+GPT_OSS_BOS, GPT_OSS_EOS, GPT_OSS_PAD = STARTOFTEXT, RETURN, ENDOFTEXT
+GPT_OSS_GENERATION_EOS = [RETURN, ENDOFTEXT, CALL]  # the released generation_config's order
 GPT_OSS_ROPE_THETA = 150000
 GPT_OSS_YARN = {
     "beta_fast": 32.0,
@@ -37,7 +38,6 @@ GPT_OSS_YARN = {
     "truncate": False,
 }
 MXFP4_MODULES_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 DEFAULTS = dict(
     layers=4,
@@ -66,7 +66,7 @@ def tiny_teacher_config(
         "attention_bias": True,
         "attention_dropout": 0.0,
         "bos_token_id": GPT_OSS_BOS,
-        "dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype],
+        "dtype": dtype_name(DTYPES[dtype]),
         "eos_token_id": GPT_OSS_EOS,
         "experts_per_token": experts_per_token,
         "head_dim": head_dim,
@@ -165,8 +165,8 @@ def make_tiny_teacher(output_dir: str | os.PathLike, **options) -> Path:
     if unknown:
         raise TypeError(f"make_tiny_teacher: unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
-    if opts["dtype"] not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {opts['dtype']!r}")
+    if opts["dtype"] not in CHECKPOINT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(CHECKPOINT_DTYPES)}, got {opts['dtype']!r}")
     if opts["mxfp4"]:
         for key in ("hidden", "intermediate"):
             if opts[key] % BLOCK_SIZE:
@@ -207,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts-per-token", type=int, default=d["experts_per_token"], help="router top-k")
     parser.add_argument("--intermediate", type=int, default=d["intermediate"], help="expert intermediate size")
     parser.add_argument("--seed", type=int, default=d["seed"], help="random seed of the weights")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], help="storage dtype (experts too unless --mxfp4)")
+    parser.add_argument("--dtype", choices=sorted(CHECKPOINT_DTYPES), default=d["dtype"], help="storage dtype (experts too unless --mxfp4)")
     parser.add_argument("--mxfp4", action="store_true", help="store the experts MXFP4-packed like the released gpt-oss")
     parser.add_argument("--max-shard-mb", type=float, default=d["max_shard_mb"], help="shard the safetensors above this size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
