@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-megatron-to-hf": ("megatron_student.convert.megatron_to_hf",
                                "Megatron student checkpoint (any TP/EP) → HF bf16 bundle"),
     "train": ("megatron_student.train.cli", "run a distillation stage"),
+    "capture-teacher": ("megatron_student.offline.capture", "store a teacher's compressed top-k distributions"),
+    "check-capture": ("megatron_student.offline.check", "measure a capture's fidelity against the dense teacher"),
     "demo": ("megatron_student.demo", "end-to-end demo on a tiny embedded model (CPU or GPU)"),
 }
 

@@ -365,3 +365,46 @@ def check_finite(losses: Mapping[str, torch.Tensor], step: int) -> None:
         return
     i = int((~finite).nonzero()[0])
     raise NonFiniteLossError(list(losses)[i], step, float(values[i]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vocab-parallel top-k (offline teacher capture) and sparse losses on a top-k + tail partition
+
+
+@torch.no_grad()
+def vocab_parallel_topk(logits: torch.Tensor, k: int, *, vocab_size: int | None = None,
+                        tp_group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global top-k of ``log_softmax(logits)`` over vocab-parallel logits [n, V_local], without gathering the
+    vocabulary: each rank's local top-k (k values and global ids, [n, k]) is all-gathered and reduced to k.
+    Returns (ids int64 [n, k], log-probabilities float32 [n, k], both by descending probability, and the log tail
+    mass ``log Σ_{other ids} p`` [n], a log-sum-exp over the other ids (−inf when k covers the vocabulary)),
+    identical on every TP rank."""
+    shard = _vocab_shard(logits.shape[-1], vocab_size, tp_group)
+    if not 1 <= k <= shard.vocab:
+        raise ValueError(f"top-k {k} outside [1, vocabulary {shard.vocab}]")
+    log_p = _global_log_softmax(logits[:, :shard.valid].float(), shard)
+    n = log_p.shape[0]
+    local = min(k, shard.valid)
+    values = log_p.new_full((n, k), -math.inf)
+    ids = torch.full((n, k), shard.vocab, dtype=torch.int64, device=log_p.device)
+    if local:
+        values[:, :local], ids[:, :local] = log_p.topk(local, dim=-1)
+        ids[:, :local] += shard.start
+    if shard.group is not None:
+        world = dist.get_world_size(shard.group)
+        all_values = [torch.empty_like(values) for _ in range(world)]
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_values, values, group=shard.group)
+        dist.all_gather(all_ids, ids, group=shard.group)
+        values, pick = torch.cat(all_values, -1).topk(k, dim=-1)
+        ids = torch.cat(all_ids, -1).gather(-1, pick)
+    mine = (ids >= shard.start) & (ids < shard.start + shard.valid)
+    rest = log_p.clone()
+    if shard.valid:
+        rows = torch.arange(n, device=log_p.device).unsqueeze(-1).expand(n, k)
+        rest[rows[mine], (ids - shard.start)[mine]] = -math.inf
+    m = values[:, :1].squeeze(-1)  # the global maximum log-probability: a safe shift for every shard
+    tail = torch.exp(rest - m.unsqueeze(-1)).sum(-1)
+    if shard.group is not None:
+        dist.all_reduce(tail, op=dist.ReduceOp.SUM, group=shard.group)
+    return ids, values, torch.log(tail) + m
