@@ -81,3 +81,24 @@ def dp_accumulated_step(rank: int, world_size: int, w0: torch.Tensor, micro_batc
     dist.all_reduce(grad, op=dist.ReduceOp.AVG if dp_grad_average else dist.ReduceOp.SUM, group=group)
     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if dp_grad_average else dist.ReduceOp.SUM, group=group)
     return {"loss": loss_sum, "grad": grad}
+
+
+def tp_sparse_losses(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """As tp_logit_losses for ops.losses.sparse_logit_losses (stored top-k teacher) and vocab_parallel_topk."""
+    from megatron_student.ops.losses import sparse_logit_losses, vocab_parallel_topk
+
+    group = dist.new_group(list(range(world_size)))
+    out = []
+    for case in cases:
+        local = case["student"].shape[-1] // world_size
+        cols = slice(rank * local, (rank + 1) * local)
+        student = case["student"][:, cols].clone().requires_grad_(True)
+        specs = [LogitLoss(**s) for s in case["specs"]]
+        values = sparse_logit_losses(student, case["ids"], case["logprobs"], case["log_tail"], specs,
+                                     case["weights"], vocab_size=case["vocab_size"], tp_group=group,
+                                     chunk_size=case["chunk_size"])
+        (grad,) = torch.autograd.grad(values.sum(), student)
+        topk = vocab_parallel_topk(case["student"][:, cols], case["k"], vocab_size=case["vocab_size"],
+                                   tp_group=group)
+        out.append({"values": values.detach(), "grad": grad, "topk": topk})
+    return out

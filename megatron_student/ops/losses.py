@@ -408,3 +408,141 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, vocab_size: int | None 
     if shard.group is not None:
         dist.all_reduce(tail, op=dist.ReduceOp.SUM, group=shard.group)
     return ids, values, torch.log(tail) + m
+
+
+SPARSE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+def _sparse_chunk_losses(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor,
+                         weights: torch.Tensor, specs: tuple[LogitLoss, ...], shard: _VocabShard) -> torch.Tensor:
+    """This rank's share (1/TP of the replicated value) of ``Σ_t w_t ℓ_t`` on the top-k + tail partition, [K]."""
+    cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    world = 1 if shard.group is None else dist.get_world_size(shard.group)
+    s = student[:, :shard.valid].to(cdtype)
+    n, k = ids.shape
+    rest_ids = shard.vocab - k  # ids outside the stored top-k; without them there is no tail bucket
+    local = ids - shard.start
+    here = (local >= 0) & (local < shard.valid)
+    local = local.clamp(0, max(shard.valid - 1, 0))
+    stored = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    rows = torch.arange(n, device=s.device).unsqueeze(-1).expand(n, k)
+    stored[rows[here], local[here]] = True  # not a scatter of `here`: clamped foreign ids would collide
+    teacher = logprobs.to(cdtype)
+    teacher_tail = log_tail.to(cdtype)
+    out = []
+    for spec, w in zip(specs, weights):
+        T = spec.temperature
+        log_q = _global_log_softmax(s / T if T != 1.0 else s, shard)
+        picked = (log_q.gather(-1, local) if shard.valid else log_q.new_zeros(n, k)).masked_fill(~here, 0.0)
+        if shard.group is not None:
+            picked = dist_nn.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
+        # The teacher's tempered partition: its tail mass is taken as spread evenly over the other ids (the
+        # reconstruction the capture documents), so p_tail(T) = n·(p_tail/n)^(1/T) before normalising.
+        log_p = teacher / T
+        log_q_parts = picked
+        if rest_ids > 0:
+            tail_q = torch.exp(log_q).masked_fill(stored, 0.0).sum(-1)
+            if shard.group is not None:
+                tail_q = dist_nn.all_reduce(tail_q, op=dist.ReduceOp.SUM, group=shard.group)
+            positive = tail_q > 0
+            log_tail_q = torch.where(positive, torch.log(torch.where(positive, tail_q, torch.ones_like(tail_q))),
+                                     torch.full_like(tail_q, -math.inf))
+            log_n = math.log(rest_ids)
+            log_p = torch.cat([log_p, ((teacher_tail - log_n) / T + log_n).unsqueeze(-1)], -1)
+            log_q_parts = torch.cat([picked, log_tail_q.unsqueeze(-1)], -1)
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
+        p_mask, q_mask = torch.isfinite(log_p), torch.isfinite(log_q_parts)
+        lp = torch.where(p_mask, log_p, torch.zeros_like(log_p))
+        lq = torch.where(q_mask, log_q_parts, torch.zeros_like(log_q_parts))
+        p, q = torch.exp(lp) * p_mask, torch.exp(lq) * q_mask
+        zero = torch.zeros_like(p)
+        if spec.kind == "forward_kl":
+            terms = torch.where(p_mask, p * (lp - lq), zero)
+        elif spec.kind == "reverse_kl":
+            terms = torch.where(q_mask, q * (lq - lp), zero)
+        elif spec.kind == "jsd":
+            b = spec.beta
+            m = b * p + (1 - b) * q
+            lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+            terms = b * torch.where(p_mask, p * (lp - lm), zero) + (1 - b) * torch.where(q_mask, q * (lq - lm), zero)
+        else:  # tvd
+            terms = 0.5 * (p - q).abs()
+        per_token = terms.sum(-1) * (T * T)
+        out.append((w.to(cdtype) * per_token).sum() / world)
+    return torch.stack(out)
+
+
+class _ChunkedSparseLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, log_tail, weights, specs, shard, chunk_size):
+        cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        total = torch.zeros(len(specs), dtype=cdtype, device=student.device)
+        for a in range(0, student.shape[0], chunk_size):
+            b = min(a + chunk_size, student.shape[0])
+            total += _sparse_chunk_losses(student[a:b], ids[a:b], logprobs[a:b], log_tail[a:b], weights[:, a:b],
+                                          specs, shard)
+        if shard.group is not None:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=shard.group)
+        ctx.save_for_backward(student, ids, logprobs, log_tail, weights)
+        ctx.specs, ctx.shard, ctx.chunk_size = specs, shard, chunk_size
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        student, ids, logprobs, log_tail, weights = ctx.saved_tensors
+        # As _ChunkedLogitLosses: each rank differentiates its share; the differentiable all-reduces (Σexp, the
+        # gathered log q at the stored ids, the student's tail) carry the other ranks' dependence on this shard.
+        grad = torch.zeros_like(student)
+        for a in range(0, student.shape[0], ctx.chunk_size):
+            b = min(a + ctx.chunk_size, student.shape[0])
+            with torch.enable_grad():
+                s = student[a:b].detach().requires_grad_(True)
+                partial = _sparse_chunk_losses(s, ids[a:b], logprobs[a:b], log_tail[a:b], weights[:, a:b],
+                                               ctx.specs, ctx.shard)
+                (grad[a:b],) = torch.autograd.grad(partial, s, grad_total)
+        return grad, None, None, None, None, None, None, None
+
+
+def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                        teacher_log_tail: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
+                        vocab_size: int | None = None, tp_group: dist.ProcessGroup | None = None,
+                        chunk_size: int = 512) -> torch.Tensor:
+    """``Σ_t w_t · ℓ_t`` for each of ``losses`` against a stored (offline) teacher; returns [K].
+
+    The teacher is its top-k ``teacher_ids`` [..., k] (global ids, distinct, below ``vocab_size``) with their
+    temperature-1 log-probabilities ``teacher_logprobs`` [..., k] and the log tail mass ``teacher_log_tail``
+    [...] (−inf when k is the whole vocabulary). Both models are compared on the partition {each stored id} ∪
+    {tail}: the student's tail is 1 − Σ of its probabilities on the stored ids (summed directly over the other
+    ids, not subtracted). ``forward_kl``, ``reverse_kl``, ``jsd`` and ``tvd`` are those of the two (k+1)-bucket
+    distributions (lower bounds of the full-vocabulary ones; equal when k covers the vocabulary). Temperature T:
+    the student's softmax(z/T) is exact; the teacher's top-k scale as p^(1/T) and its tail is taken as spread
+    evenly over the other ids, both renormalised. T² scaling, weights, vocab-parallel student logits (stored
+    ids are routed to the shard that owns them; only [n, k] values cross ranks), chunking and the gradient
+    convention are those of :func:`logit_losses`. ``ce`` needs no teacher: use :func:`logit_losses`.
+    """
+    specs = tuple(losses)
+    if not specs:
+        raise ValueError("sparse_logit_losses needs at least one LogitLoss")
+    for spec in specs:
+        if spec.kind not in SPARSE_KINDS:
+            raise ValueError(f"{spec.kind} is not a sparse teacher loss; expected one of {SPARSE_KINDS}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead, local_vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    k = teacher_ids.shape[-1]
+    if teacher_ids.shape != (*lead, k) or teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(f"teacher ids {tuple(teacher_ids.shape)} and log-probs {tuple(teacher_logprobs.shape)} "
+                         f"must be {(*lead, k)} for student logits {tuple(student_logits.shape)}")
+    if teacher_log_tail.shape != lead:
+        raise ValueError(f"teacher tail {tuple(teacher_log_tail.shape)} must be {tuple(lead)}")
+    if weights.shape == lead:
+        weights = weights.unsqueeze(0).expand(len(specs), *lead)
+    elif weights.shape != (len(specs), *lead):
+        raise ValueError(f"weights {tuple(weights.shape)} must be {tuple(lead)} or {(len(specs), *lead)}")
+    shard = _vocab_shard(local_vocab, vocab_size, tp_group)
+    if k > shard.vocab or bool(((teacher_ids < 0) | (teacher_ids >= shard.vocab)).any()):
+        raise ValueError(f"teacher ids must be {k} ≤ {shard.vocab} distinct ids in [0, {shard.vocab})")
+    return _ChunkedSparseLosses.apply(
+        student_logits.reshape(-1, local_vocab), teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
+        teacher_log_tail.detach().reshape(-1), weights.detach().reshape(len(specs), -1), specs, shard, chunk_size)
