@@ -47,12 +47,20 @@ def open_teacher(path: str, tp: int, ep: int, dtype: torch.dtype):
     return model, config, config_dict, device
 
 
-def teacher_rows(model, items: list[dict], device, vocab_size: int, k: int, all_positions: bool, tp_group):
-    """For each item: (positions int32, ids, log-probabilities, log tail) of its stored positions."""
-    from ..ops.losses import IGNORE_INDEX, vocab_parallel_topk
+def teacher_logits(model, items: list[dict], device):
+    """(the trainer's micro-batch of ``items``, the teacher's vocab-parallel logits [B·S, V_local])."""
     from ..train.trainer import make_micro_batch
 
     mb = make_micro_batch(items, _Channels, device)
+    with torch.no_grad():
+        return mb, model(mb.tokens, None, None, packed_seq_params=mb.packed)[0]
+
+
+def teacher_rows(model, items: list[dict], device, vocab_size: int, k: int, all_positions: bool, tp_group):
+    """For each item: (positions int32, ids, log-probabilities, log tail) of its stored positions."""
+    from ..ops.losses import IGNORE_INDEX, vocab_parallel_topk
+
+    mb, logits = teacher_logits(model, items, device)
     seq_len = items[0]["input_ids"].shape[0]
     if all_positions:
         keep = torch.zeros(len(items), seq_len, dtype=torch.bool)
@@ -61,8 +69,6 @@ def teacher_rows(model, items: list[dict], device, vocab_size: int, k: int, all_
         keep = keep.reshape(-1)
     else:
         keep = (mb.targets != IGNORE_INDEX).cpu()
-    with torch.no_grad():
-        logits = model(mb.tokens, None, None, packed_seq_params=mb.packed)[0]
     flat = keep.nonzero().squeeze(-1)
     ids, logprobs, log_tail = vocab_parallel_topk(logits[flat.to(device)], k, vocab_size=vocab_size,
                                                   tp_group=tp_group)

@@ -255,7 +255,7 @@ class Shard:
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return np.asarray(self.positions[a:b]), np.asarray(self.rows[a:b])
+        return np.array(self.positions[a:b]), np.array(self.rows[a:b])
 
 
 class CaptureReader:

@@ -1,0 +1,204 @@
+"""`megatron-student check-capture DIR --teacher CKPT --samples N`: how faithful is a capture?
+
+Recomputes the dense teacher on N stored positions (drawn from randomly chosen samples) and compares it with
+
+* the capture as stored (its real bytes/token, index included), and
+* the same positions re-encoded at other settings of our format (k = 32/64/128 by default), and
+* a DistillKit-style baseline implemented from its documented format: top-k ids at ⌈log2 V⌉ bits, the first
+  ``exact_k`` log-probs as bf16, a least-squares fit of the remaining sorted log-probs over polynomial terms of
+  the normalised rank (fp32 coefficients), the missing mass spread uniformly over the other ids (its
+  ``symmetric_uniform``); bytes/token by its formula ⌈(exact_k·16 + terms·32)/8⌉ + ⌈k·⌈log2 V⌉/8⌉. Its
+  recommended setting (k=128, exact_k=16, terms 1, t, t², t³, t⁴, √t) and its budget one (k=50, exact_k=1,
+  terms 1, t, √t).
+
+Per setting: KL(dense ‖ reconstructed) in nats (mean and p99 over positions), top-1 agreement, the mean absolute
+error of the tail mass, bytes/token. The reconstruction of a top-k row spreads its tail mass evenly over the
+ids it does not store. Writes ``fidelity.json`` and ``fidelity.png`` (KL against bytes/token) to ``--report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import format as fmt
+
+DISTILLKIT = {
+    "distillkit-recommended": {"k": 128, "exact_k": 16, "terms": ("1", "t", "t2", "t3", "t4", "sqrt")},
+    "distillkit-budget": {"k": 50, "exact_k": 1, "terms": ("1", "t", "sqrt")},
+}
+
+
+def reconstruction_metrics(dense_log_p: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> dict:
+    """Per-position KL(dense ‖ reconstruction), top-1 match and tail error; the reconstruction puts exp(logprobs)
+    on ``ids`` and the rest of the mass (1 − their sum, clamped at 0; if negative the k values are
+    renormalised) evenly on the other ids. float64, [n] each."""
+    log_p = dense_log_p.double()
+    n, vocab = log_p.shape
+    k = ids.shape[-1]
+    head = logprobs.double()
+    head_mass = head.exp().sum(-1)
+    over = head_mass > 1
+    head = torch.where(over.unsqueeze(-1), head - head_mass.log().unsqueeze(-1), head)
+    tail = (1 - head.exp().sum(-1)).clamp_min(0)
+    log_r = (tail / max(vocab - k, 1)).log().unsqueeze(-1).expand(n, vocab).clone()
+    log_r.scatter_(-1, ids, head)
+    p = log_p.exp()
+    kl = (p * (log_p - log_r)).nan_to_num(nan=0.0).sum(-1)
+    dense_tail = 1 - p.gather(-1, ids).sum(-1)
+    return {"kl": kl, "top1": (ids[:, 0] == log_p.argmax(-1)).double(), "tail_error": (tail - dense_tail).abs()}
+
+
+def ours(dense_log_p: torch.Tensor, compression: fmt.Compression):
+    from ..ops.losses import vocab_parallel_topk
+
+    ids, values, log_tail = vocab_parallel_topk(dense_log_p.float(), compression.k)
+    ids, logprobs, _ = fmt.decode_rows(fmt.encode_rows(ids, values, log_tail, compression), compression)
+    return ids, logprobs
+
+
+def _terms(t: torch.Tensor, names) -> torch.Tensor:
+    make = {"1": torch.ones_like, "t": lambda x: x, "t2": lambda x: x ** 2, "t3": lambda x: x ** 3,
+            "t4": lambda x: x ** 4, "sqrt": torch.sqrt}
+    return torch.stack([make[name](t) for name in names], -1)
+
+
+def distillkit_style(dense_log_p: torch.Tensor, k: int, exact_k: int, terms) -> tuple[torch.Tensor, torch.Tensor]:
+    values, ids = dense_log_p.double().topk(k, dim=-1)
+    exact = values[:, :exact_k].to(torch.bfloat16).double()
+    rest = values[:, exact_k:]
+    if rest.shape[-1]:
+        t = torch.linspace(0, 1, rest.shape[-1], dtype=torch.float64)
+        basis = _terms(t, terms)  # [m, terms]
+        coef = torch.linalg.lstsq(basis, rest.T).solution.T.float().double()  # fp32 coefficients
+        rest = coef @ basis.T
+    return ids, torch.cat([exact, rest], -1)
+
+
+def distillkit_bytes(k: int, exact_k: int, terms, id_bits: int) -> int:
+    return math.ceil((exact_k * 16 + len(terms) * 32) / 8) + math.ceil(k * id_bits / 8)
+
+
+def check(args) -> dict:
+    from megatron.core import parallel_state, tensor_parallel
+
+    from ..data.storage import HarmonyPackedDataset
+    from .capture import open_teacher, teacher_logits
+
+    reader = fmt.CaptureReader(args.capture)
+    header = reader.header
+    split = args.split
+    if split not in header["splits"]:
+        raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: split {split!r} was not captured "
+                               f"(captured: {', '.join(header['splits'])})")
+    model, config, config_dict, device = open_teacher(args.teacher, args.tp, 1, torch.float32)
+    if fmt.vocabulary_hash(config.vocab_size) != header["vocab_sha256"]:
+        raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: captured with another vocabulary than "
+                               f"{args.teacher}")
+    identity = fmt.teacher_identity(args.teacher, config_dict)
+    if identity != header["teacher"]:
+        raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: captured from another teacher than "
+                               f"{args.teacher} (config or weight checksum differs)")
+    data = HarmonyPackedDataset(header["data_path"] if args.data is None else args.data, split)
+    if fmt.data_identity(data.directory.parent, split) != header["data"][split]:
+        raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: {data.directory} is not the data it was "
+                               "captured from (file hashes differ)")
+    order = np.random.default_rng(args.seed).permutation(len(data))
+    dense, stored = [], []
+    for i in order:
+        positions, _ = reader.sample(split, int(i))
+        if not len(positions):
+            continue
+        _, logits = teacher_logits(model, [data[int(i)]], device)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        take = positions[:args.samples - sum(len(d) for d in dense)]
+        dense.append(torch.log_softmax(logits[torch.from_numpy(take).long(), :config.vocab_size].double().cpu(), -1))
+        stored.append(reader.rows_at(split, int(i), take))
+        if sum(len(d) for d in dense) >= args.samples:
+            break
+    dense_log_p = torch.cat(dense)
+    ids = torch.cat([s[0] for s in stored])
+    logprobs = torch.cat([s[1] for s in stored])
+    c = reader.compression
+    summary = header.get("summary", {})
+    settings = {f"capture (k={c.k}, exact {c.exact_k}, {c.quant_bits}-bit)":
+                (ids, logprobs, summary.get("bytes_per_token", c.row_bytes), "ours")}
+    for k in args.top_k:
+        setting = fmt.Compression(k=k, exact_k=c.exact_k, quant_bits=c.quant_bits, id_bits=c.id_bits)
+        settings[f"ours k={k}"] = (*ours(dense_log_p, setting), setting.row_bytes, "ours")
+    for name, d in DISTILLKIT.items():
+        settings[name] = (*distillkit_style(dense_log_p, d["k"], d["exact_k"], d["terms"]),
+                          distillkit_bytes(d["k"], d["exact_k"], d["terms"], c.id_bits), "distillkit")
+    table = {}
+    for name, (ids_, logprobs_, nbytes, family) in settings.items():
+        m = reconstruction_metrics(dense_log_p, ids_, logprobs_)
+        table[name] = {"family": family, "bytes_per_token": float(nbytes), "kl_mean": m["kl"].mean().item(),
+                       "kl_p99": m["kl"].quantile(0.99).item(), "top1": m["top1"].mean().item(),
+                       "tail_abs_error": m["tail_error"].mean().item()}
+    result = {"capture": str(reader.root), "positions": int(dense_log_p.shape[0]), "settings": table}
+    if torch.distributed.get_rank() == 0:
+        report = Path(args.report or Path(args.capture) / "check")
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "fidelity.json").write_text(json.dumps(result, indent=1))
+        _plot(table, report / "fidelity.png", result["positions"])
+        print(f"fidelity of {reader.root} on {result['positions']} positions (KL in nats):")
+        print(f"| setting | B/token | KL mean | KL p99 | top-1 | tail abs err |\n|---|---|---|---|---|---|")
+        for name, r in table.items():
+            print(f"| {name} | {r['bytes_per_token']:.1f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | "
+                  f"{r['top1']:.4f} | {r['tail_abs_error']:.2e} |")
+        print(f"wrote {report / 'fidelity.json'} and {report / 'fidelity.png'}", flush=True)
+    return result
+
+
+def _plot(table: dict, path: Path, positions: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family, marker in (("ours", "o"), ("distillkit", "s")):
+        rows = [(name, r) for name, r in table.items() if r["family"] == family]
+        ax.scatter([r["bytes_per_token"] for _, r in rows], [max(r["kl_mean"], 1e-12) for _, r in rows],
+                   marker=marker, label="megatron-student" if family == "ours" else "DistillKit-style")
+        for name, r in rows:
+            ax.annotate(name, (r["bytes_per_token"], max(r["kl_mean"], 1e-12)), fontsize=7)
+    ax.set_xlabel("bytes / token")
+    ax.set_ylabel("mean KL(dense ‖ reconstructed), nats")
+    ax.set_yscale("log")
+    ax.set_title(f"capture fidelity ({positions} positions)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("capture", help="capture-teacher output directory")
+    parser.add_argument("--teacher", required=True, help="the teacher it was captured from")
+    parser.add_argument("--samples", type=int, default=256, help="positions to compare")
+    parser.add_argument("--data", default=None, help="prepared data (default: the path the capture records)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[32, 64, 128], help="our settings to compare")
+    parser.add_argument("--seed", type=int, default=0, help="which samples are drawn")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the teacher")
+    parser.add_argument("--report", default=None, help="where fidelity.json/.png go (default: CAPTURE/check)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.trainer import distributed_context
+
+    try:
+        with distributed_context():
+            check(args)
+    except (fmt.CaptureError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
