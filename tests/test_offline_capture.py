@@ -1,0 +1,165 @@
+"""Offline teacher capture (megatron_student.offline): the row encoding, `capture-teacher` as a subprocess (TP=1
+killed and resumed equals gloo TP=2 under torchrun), `check-capture` (the stored rows equal a fresh compression of
+the dense teacher), and the errors a reader raises for damaged or mismatched captures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_student.data.manifest import load_manifest
+from megatron_student.data.prepare import prepare
+from megatron_student.offline import format as fmt
+from megatron_student.teacher.tiny import make_tiny_teacher
+
+ASSETS = Path(__file__).resolve().parents[1] / "megatron_student" / "assets"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, world: int = 1) -> list[str]:
+    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={world}"]
+    return [*launcher, "-m", "megatron_student.cli", *args]
+
+
+def capture_args(root: Path, output: Path, *extra: str) -> list[str]:
+    return ["capture-teacher", "--teacher", str(root / "teacher"), "--data", str(root / "data"), "--output",
+            str(output), "--split", "valid", "--top-k", "16", "--exact-k", "2", "--samples-per-shard", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline")
+    make_tiny_teacher(root / "teacher", layers=2, dtype="fp32", seed=3)
+    prepare(load_manifest(ASSETS / "demo_manifest.yaml"), root / "data", 256, progress=False)
+    return root
+
+
+def test_rows_round_trip_within_the_quantisation_step():
+    g = torch.Generator().manual_seed(0)
+    logits = 6 * torch.randn(50, 3000, generator=g) ** 3  # peaked, like a language model's
+    log_p = torch.log_softmax(logits.double(), -1)
+    values, ids = log_p.topk(40)
+    rest = torch.ones_like(log_p, dtype=torch.bool).scatter_(-1, ids, False)
+    log_tail = torch.logsumexp(log_p.masked_fill(~rest, -float("inf")), -1)
+    c = fmt.Compression.for_vocab(201088, k=40, exact_k=3, quant_bits=5)
+    assert c.id_bits == 18 and c.row_bytes == 90 + 6 + 2 + 24 + 4  # ids, exact bf16, floor, 37 × 5 bits, tail
+    rows = fmt.encode_rows(ids, values.float(), log_tail.float(), c)
+    assert rows.shape == (50, c.row_bytes)
+    got_ids, got_lp, got_tail = fmt.decode_rows(rows, c)
+    assert torch.equal(got_ids, ids)
+    assert torch.equal(got_tail, log_tail.float())  # the tail bucket is exact
+    assert torch.allclose(got_lp.double().exp().sum(-1) + log_tail.exp(), torch.ones(50, dtype=torch.float64))
+    step = (values[:, 2] - values[:, -1]) / 31
+    # after rescaling to 1 − tail every value moves by the same shift; the spacing error is ≤ half a step + bf16
+    err = (got_lp.double() - values) - (got_lp.double() - values)[:, :1]
+    assert bool((err[:, 3:].abs() <= step.unsqueeze(-1) / 2 + 0.02 * values[:, 2:3].abs() + 1e-6).all())
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _load(capture: Path) -> list:
+    reader = fmt.CaptureReader(capture)
+    return [reader.sample("valid", i) for i in range(reader.header["splits"]["valid"]["samples"])]
+
+
+def test_capture_resumes_after_kill_and_tp2_equals_tp1(root):
+    one, two = root / "cap_tp1", root / "cap_tp2"
+    proc = subprocess.Popen(cli(*capture_args(root, one)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(fmt.shard_path(one, "valid", 0), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted((one / "valid").glob("*.cap"))
+    samples = json.loads((one / fmt.CAPTURE_FILE).read_text())["splits"]["valid"]["samples"]
+    assert 1 <= len(finished) < samples, "the capture finished before it could be killed"
+    inodes = {p: p.stat().st_ino for p in finished}
+    result = subprocess.run(cli(*capture_args(root, one)), env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(finished)} finished shard(s) skipped" in result.stdout
+    assert all(p.stat().st_ino == ino for p, ino in inodes.items())  # finished shards were not rewritten
+    summary = json.loads((one / fmt.CAPTURE_FILE).read_text())["summary"]
+    # a row: 16 × 18-bit ids, 2 bf16, the bf16 floor, 14 × 4-bit codes, the f32 tail; +4 B position index, plus
+    # each shard's JSON header (shards of one sample here)
+    assert summary["rows"] > 100 and summary["row_bytes"] == 36 + 4 + 2 + 7 + 4
+    assert 53 + 4 < summary["bytes_per_token"] < 53 + 4 + 16
+
+    result = subprocess.run(cli(*capture_args(root, two, "--tp", "2"), world=2), env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (pos1, (ids1, lp1, tail1)), (pos2, (ids2, lp2, tail2)) in zip(_load(one), _load(two)):
+        assert np.array_equal(pos1, pos2) and torch.equal(ids1, ids2)
+        assert torch.allclose(tail1, tail2, rtol=0, atol=1e-5)
+        assert torch.allclose(lp1, lp2, atol=0.02)  # the same rows up to a bf16 / grid rounding flip
+
+    # a rerun with other settings into the same directory is refused, naming the header
+    result = subprocess.run(cli(*capture_args(root, one, "--exact-k", "4")), env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2 and "capture.json: an existing capture" in result.stderr
+
+
+def test_check_capture_matches_fresh_compression_of_the_dense_teacher(root):
+    capture = root / "cap_tp1"
+    if not (capture / fmt.CAPTURE_FILE).is_file():
+        pytest.skip("needs the capture of the previous test")
+    report = root / "report"
+    result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(root / "teacher"), "--split", "valid",
+                                "--samples", "48", "--top-k", "8", "16", "--report", str(report)),
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((report / "fidelity.json").read_text())["settings"]
+    assert (report / "fidelity.png").stat().st_size > 1000
+    stored = next(v for name, v in table.items() if name.startswith("capture"))
+    fresh = table["ours k=16"]
+    assert stored["top1"] == 1.0 and stored["tail_abs_error"] < 1e-5
+    assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 1e-3 * fresh["kl_mean"]
+    assert table["ours k=8"]["kl_mean"] > fresh["kl_mean"] > 0
+    assert {"distillkit-recommended", "distillkit-budget"} <= set(table)
+
+
+def test_reader_errors_name_the_file(root, tmp_path):
+    source = root / "cap_tp1"
+    if not (source / fmt.CAPTURE_FILE).is_file():
+        pytest.skip("needs the capture of the previous test")
+    capture = tmp_path / "cap"
+    shutil.copytree(source, capture)
+    header = json.loads((capture / fmt.CAPTURE_FILE).read_text())
+    with pytest.raises(fmt.CaptureError, match="another vocabulary"):
+        fmt.CaptureReader(capture, vocab_hash=fmt.vocabulary_hash(128))
+    fmt.CaptureReader(capture, vocab_hash=fmt.vocabulary_hash(header["vocab_size"]),
+                      data={"valid": fmt.data_identity(root / "data", "valid")})
+    changed = {"valid": {**header["data"]["valid"], "index.json": "0" * 64}}
+    with pytest.raises(fmt.CaptureError, match=r"capture.json: split 'valid' does not match .*index.json"):
+        fmt.CaptureReader(capture, data=changed)
+    reader = fmt.CaptureReader(capture)
+    positions, _ = reader.sample("valid", 0)
+    with pytest.raises(fmt.CaptureError, match=r"shard_00000.cap: sample 0 has no row for positions \[9999\]"):
+        reader.rows_at("valid", 0, np.array([int(positions[0]), 9999]))
+    with pytest.raises(fmt.CaptureError, match="no sample 99 of split 'valid'"):
+        reader.sample("valid", 99)
+    shard = fmt.shard_path(capture, "valid", 1)
+    shard.write_bytes(shard.read_bytes()[:-5])
+    with pytest.raises(fmt.CaptureError, match=r"shard_00001.cap: \d+ bytes, the header describes \d+; .*truncated"):
+        reader.sample("valid", 1)
+    fmt.shard_path(capture, "valid", 2).unlink()
+    with pytest.raises(fmt.CaptureError, match=r"shard_00002.cap: missing capture shard"):
+        reader.sample("valid", 2)
+    (capture / fmt.CAPTURE_FILE).unlink()
+    with pytest.raises(fmt.CaptureError, match="capture.json: no capture here"):
+        fmt.CaptureReader(capture)
