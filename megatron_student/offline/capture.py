@@ -122,52 +122,77 @@ def capture(args) -> dict:
                              vocab_size=vocab_size, samples_per_shard=args.samples_per_shard,
                              all_positions=args.all_positions)
     header_path = output / fmt.CAPTURE_FILE
+    problem = [None]  # rank 0's refusal, shared so that no rank is left waiting for it
     if rank == 0:
-        full = {**header, "data": identity["data"], "teacher_path": str(args.teacher), "data_path": str(args.data),
+        full = {**header, "data": identity["data"], "teacher_path": str(Path(args.teacher).resolve()),
+                "data_path": str(Path(args.data).resolve()),
                 "splits": {s: {"samples": len(d), "seq_len": d.seq_len} for s, d in datasets.items()}}
         if header_path.is_file():
             old = json.loads(header_path.read_text())
             differing = sorted(key for key in full if key not in ("teacher_path", "data_path")
                                and old.get(key) != full[key])
             if differing:
-                raise fmt.CaptureError(f"{header_path}: an existing capture of another teacher, data or settings "
-                                       f"(differs in {', '.join(differing)}); use a fresh --output")
+                problem = [f"{header_path}: an existing capture of another teacher, data or settings (differs in "
+                           f"{', '.join(differing)}); use a fresh --output"]
         else:
             for split in datasets:
                 (output / split).mkdir(parents=True, exist_ok=True)
             tmp = header_path.with_name(header_path.name + ".tmp")
             tmp.write_text(json.dumps(full, indent=1, sort_keys=True))
             os.replace(tmp, header_path)
-    dist.barrier()
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise fmt.CaptureError(problem[0])
+
+    # Rank 0 decides which shards are left (so every rank agrees) and they are dealt round-robin over DP.
+    plan = [None]
+    if rank == 0:
+        pending, skipped = [], 0
+        for split, data in datasets.items():
+            for s in range(math.ceil(len(data) / args.samples_per_shard)):
+                first = s * args.samples_per_shard
+                if _shard_done(fmt.shard_path(output, split, s), {**header, "split": split, "first_sample": first}):
+                    skipped += 1
+                else:
+                    pending.append((split, s))
+        plan = [(pending, skipped)]
+    dist.broadcast_object_list(plan, src=0)
+    pending, skipped = plan[0]
+    mine = pending[dp_rank::dp_size]
+    # Expert parallelism exchanges tokens between data-parallel ranks inside every forward: all ranks must run as
+    # many forwards, so those with less work run extra ones on a sample whose result is dropped.
+    spans = {(split, s): (s * args.samples_per_shard, min((s + 1) * args.samples_per_shard, len(datasets[split])))
+             for split, s in mine}
+    forwards = torch.tensor(sum(math.ceil((b - a) / args.micro_batch) for a, b in spans.values()), device=device)
+    dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
+    extra = int(forwards) - sum(math.ceil((b - a) / args.micro_batch) for a, b in spans.values())
 
     start = time.perf_counter()
-    done_tokens = skipped = written = 0
-    for split, data in datasets.items():
+    done_tokens = 0
+    for split, s in mine:
+        data = datasets[split]
         n_shards = math.ceil(len(data) / args.samples_per_shard)
-        for s in range(dp_rank, n_shards, dp_size):
-            path = fmt.shard_path(output, split, s)
-            first, last = s * args.samples_per_shard, min((s + 1) * args.samples_per_shard, len(data))
-            shard_header = {**header, "split": split, "first_sample": first}
-            if _shard_done(path, shard_header):
-                skipped += 1
-                continue
-            offsets, positions, rows = [0], [], []
-            for a in range(first, last, args.micro_batch):
-                items = [data[i] for i in range(a, min(a + args.micro_batch, last))]
-                for pos, ids, logprobs, log_tail in teacher_rows(model, items, device, vocab_size, args.top_k,
-                                                                 args.all_positions, tp_group):
-                    positions.append(pos)
-                    rows.append(fmt.encode_rows(ids, logprobs, log_tail, compression))
-                    offsets.append(offsets[-1] + len(pos))
-            if tp_rank == 0:
-                fmt.write_shard(path, shard_header, np.array(offsets), np.concatenate(positions),
-                                np.concatenate(rows))
-            written += 1
-            done_tokens += offsets[-1]
-            elapsed = time.perf_counter() - start
-            if tp_rank == 0:
-                print(f"[capture dp {dp_rank}/{dp_size}] {split} shard {s + 1}/{n_shards}: {offsets[-1]} rows, "
-                      f"{done_tokens / elapsed:,.0f} tokens/s", flush=True)
+        path = fmt.shard_path(output, split, s)
+        first, last = spans[(split, s)]
+        shard_header = {**header, "split": split, "first_sample": first}
+        offsets, positions, rows = [0], [], []
+        for a in range(first, last, args.micro_batch):
+            items = [data[i] for i in range(a, min(a + args.micro_batch, last))]
+            for pos, ids, logprobs, log_tail in teacher_rows(model, items, device, vocab_size, args.top_k,
+                                                             args.all_positions, tp_group):
+                positions.append(pos)
+                rows.append(fmt.encode_rows(ids, logprobs, log_tail, compression))
+                offsets.append(offsets[-1] + len(pos))
+        if tp_rank == 0:
+            fmt.write_shard(path, shard_header, np.array(offsets), np.concatenate(positions), np.concatenate(rows))
+        done_tokens += offsets[-1]
+        elapsed = time.perf_counter() - start
+        if tp_rank == 0:
+            print(f"[capture dp {dp_rank}/{dp_size}] {split} shard {s + 1}/{n_shards}: {offsets[-1]} rows, "
+                  f"{done_tokens / elapsed:,.0f} tokens/s", flush=True)
+    filler = next(iter(datasets.values()))
+    for _ in range(extra):
+        teacher_logits(model, [filler[0]] * args.micro_batch, device)
     dist.barrier()
     elapsed = time.perf_counter() - start
     summary = {}
@@ -180,15 +205,15 @@ def capture(args) -> dict:
                 bytes_total += shard.path.stat().st_size
         summary = {"rows": rows_total, "bytes": bytes_total, "bytes_per_token": bytes_total / max(rows_total, 1),
                    "row_bytes": compression.row_bytes, "seconds": round(elapsed, 3),
-                   "shards_written": written, "shards_skipped": skipped, "world": dist.get_world_size()}
+                   "shards_written": len(pending), "shards_skipped": skipped, "world": dist.get_world_size()}
         full = json.loads(header_path.read_text())
         full["summary"] = summary
         tmp = header_path.with_name(header_path.name + ".tmp")
         tmp.write_text(json.dumps(full, indent=1, sort_keys=True))
         os.replace(tmp, header_path)
         print(f"captured {rows_total:,} positions into {output}: {summary['bytes_per_token']:.1f} B/token "
-              f"({compression.row_bytes} B/row + index), {elapsed:.1f} s; {skipped} finished shard(s) skipped on "
-              "rank 0's data-parallel share", flush=True)
+              f"({compression.row_bytes} B/row + index), {elapsed:.1f} s; {skipped} finished shard(s) skipped from "
+              "an earlier run", flush=True)
     return summary
 
 
