@@ -91,7 +91,7 @@ def check(args) -> dict:
     from megatron.core import parallel_state, tensor_parallel
 
     from ..data.storage import HarmonyPackedDataset
-    from .capture import open_teacher, teacher_logits
+    from .capture import DTYPES, open_teacher, teacher_logits
 
     reader = fmt.CaptureReader(args.capture)
     header = reader.header
@@ -99,7 +99,7 @@ def check(args) -> dict:
     if split not in header["splits"]:
         raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: split {split!r} was not captured "
                                f"(captured: {', '.join(header['splits'])})")
-    model, config, config_dict, device = open_teacher(args.teacher, args.tp, 1, torch.float32)
+    model, config, config_dict, device = open_teacher(args.teacher, args.tp, args.ep, DTYPES[args.dtype])
     if fmt.vocabulary_hash(config.vocab_size) != header["vocab_sha256"]:
         raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: captured with another vocabulary than "
                                f"{args.teacher}")
@@ -195,6 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[32, 64, 128], help="our settings to compare")
     parser.add_argument("--seed", type=int, default=0, help="which samples are drawn")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the teacher")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size of the teacher")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32",
+                        help="the dense reference's compute dtype (fp32 unless it does not fit)")
     parser.add_argument("--report", default=None, help="where fidelity.json/.png go (default: CAPTURE/check)")
 
 
