@@ -23,7 +23,8 @@ def stored_teacher(teacher: torch.Tensor, k: int, vocab_size: int):
     order = log_p.argsort(-1, descending=True)
     ids = order[:, :k]
     tail = 1 - log_p.gather(-1, ids).exp().sum(-1)
-    return ids, log_p.gather(-1, ids), torch.log(tail.clamp_min(0)) if k < vocab_size else torch.full_like(tail, -math.inf)
+    log_tail = torch.log(tail.clamp_min(0)) if k < vocab_size else torch.full_like(tail, -math.inf)
+    return ids, log_p.gather(-1, ids), log_tail
 
 
 def partition_reference(student, ids, logprobs, log_tail, kind, weights, temperature, vocab_size, beta=0.5):

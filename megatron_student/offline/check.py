@@ -15,7 +15,8 @@ Per setting: KL(dense ‖ reconstructed) in nats (mean and p99 over the position
 fraction where it is infinite: a reconstruction whose top-k carries all the mass while the teacher has a tail;
 DistillKit's fitted values can sum above 1 and leave no tail), top-1 agreement, the mean absolute
 error of the tail mass, bytes/token. The reconstruction of a top-k row spreads its tail mass evenly over the
-ids it does not store. Writes ``fidelity.json`` and ``fidelity.png`` (KL against bytes/token) to ``--report``.
+ids it does not store. Our bytes/token count the row and its 4-byte position (the capture's own line: its files'
+size, headers included). Writes ``fidelity.json`` and ``fidelity.png`` (KL against bytes/token) to ``--report``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def check(args) -> dict:
                 (ids, logprobs, summary.get("bytes_per_token", c.row_bytes), "ours")}
     for k in args.top_k:
         setting = fmt.Compression(k=k, exact_k=c.exact_k, quant_bits=c.quant_bits, id_bits=c.id_bits)
-        settings[f"ours k={k}"] = (*ours(dense_log_p, setting), setting.row_bytes, "ours")
+        settings[f"ours k={k}"] = (*ours(dense_log_p, setting), setting.row_bytes + 4, "ours")  # + position
     for name, d in DISTILLKIT.items():
         settings[name] = (*distillkit_style(dense_log_p, d["k"], d["exact_k"], d["terms"]),
                           distillkit_bytes(d["k"], d["exact_k"], d["terms"], c.id_bits), "distillkit")
@@ -154,7 +155,8 @@ def check(args) -> dict:
         (report / "fidelity.json").write_text(json.dumps(result, indent=1))
         _plot(table, report / "fidelity.png", result["positions"])
         print(f"fidelity of {reader.root} on {result['positions']} positions (KL in nats):")
-        print(f"| setting | B/token | KL mean | KL p99 | KL = ∞ | top-1 | tail abs err |\n|---|---|---|---|---|---|---|")
+        print("| setting | B/token | KL mean | KL p99 | KL = ∞ | top-1 | tail abs err |\n"
+              "|---|---|---|---|---|---|---|")
         for name, r in table.items():
             print(f"| {name} | {r['bytes_per_token']:.1f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | "
                   f"{r['kl_infinite']:.1%} | "
