@@ -24,6 +24,7 @@ import torch.distributed as dist
 from . import format as fmt
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TOPK_CHUNK_ROWS = 1024
 
 
 class _Channels:
@@ -70,8 +71,10 @@ def teacher_rows(model, items: list[dict], device, vocab_size: int, k: int, all_
     else:
         keep = (mb.targets != IGNORE_INDEX).cpu()
     flat = keep.nonzero().squeeze(-1)
-    ids, logprobs, log_tail = vocab_parallel_topk(logits[flat.to(device)], k, vocab_size=vocab_size,
-                                                  tp_group=tp_group)
+    # In chunks of rows: the top-k works in fp32 on [rows, V_local] and keeps a few copies of it.
+    parts = [vocab_parallel_topk(logits[chunk.to(device)], k, vocab_size=vocab_size, tp_group=tp_group)
+             for chunk in flat.split(TOPK_CHUNK_ROWS) or (flat,)]
+    ids, logprobs, log_tail = (torch.cat(p) for p in zip(*parts))
     out = []
     for b in range(len(items)):
         here = (flat >= b * seq_len) & (flat < (b + 1) * seq_len)
