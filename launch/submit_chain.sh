@@ -37,7 +37,8 @@ read -r -a stages <<< "${STAGES:-a b}"
 common=()
 declare -A per_stage=()
 for arg in "$@"; do
-  if [[ "$arg" =~ ^([abc]):(.+)$ ]]; then
+  if [[ "$arg" =~ ^([A-Za-z]):(.+)$ ]]; then
+    [[ " ${stages[*]} " == *" ${BASH_REMATCH[1]} "* ]] || die "'$arg': stage ${BASH_REMATCH[1]} is not in STAGES='${stages[*]}'"
     per_stage[${BASH_REMATCH[1]}]+="${BASH_REMATCH[2]}"$'\n'
   elif [[ "$arg" == *=* && "$arg" != =* ]]; then
     common+=("$arg")
