@@ -252,25 +252,32 @@ ms_launch_slurm() {
   ms_record "${srun_cmd[@]}" "${inner[@]}"
   ms_log "$JOB_NAME job $JOB_ID: $NNODES node(s) x $GPUS_PER_NODE ${DEVICE^^} rank(s), launcher $LAUNCHER," \
          "master $MASTER_ADDR:$MASTER_PORT${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT}"
+  # Rank 0 writes MS_STOP_FILE after a graceful stop's checkpoint: srun's status can be another rank's 143, as
+  # --kill-on-bad-exit terminates the ranks still exiting when the first one leaves with 75.
+  export MS_STOP_FILE="$JOB_LOG_DIR/graceful-stop-${SLURM_RESTART_COUNT:-0}"
+  rm -f "$MS_STOP_FILE"
   local rc=0
   "${srun_cmd[@]}" "${inner[@]}" || rc=$?
-  [[ $rc == "$MS_RESUMABLE_EXIT" ]] && ms_requeue
+  if [[ $rc != 0 && -f "$MS_STOP_FILE" ]]; then
+    ms_log "$(cat "$MS_STOP_FILE")"
+    ms_requeue
+    exit "$MS_RESUMABLE_EXIT"
+  fi
   exit "$rc"
 }
 
-# The trainer stopped gracefully with a checkpoint (exit status 75, train/graceful_stop.py): put the job back in
-# the queue when allowed (see REQUEUE above). A job being cancelled or preempted refuses the requeue; it ends.
+# The trainer stopped gracefully with a checkpoint (train/graceful_stop.py): put the job back in the queue when
+# allowed (see REQUEUE above). A job being cancelled or preempted refuses the requeue; it ends.
 ms_requeue() {
   if [[ "${REQUEUE:-1}" != 1 ]]; then
-    ms_log "trainer stopped with a checkpoint (exit $MS_RESUMABLE_EXIT); REQUEUE=$REQUEUE: resubmit to resume"
+    ms_log "REQUEUE=$REQUEUE: not requeueing; resubmit to resume"
     return 0
   fi
   if ! scontrol show job "$SLURM_JOB_ID" | grep -qw 'Requeue=1'; then
-    ms_log "trainer stopped with a checkpoint (exit $MS_RESUMABLE_EXIT); job $SLURM_JOB_ID is not requeueable" \
-           "(sbatch --requeue): resubmit to resume"
+    ms_log "job $SLURM_JOB_ID is not requeueable (sbatch --requeue): resubmit to resume"
     return 0
   fi
-  ms_log "trainer stopped with a checkpoint (exit $MS_RESUMABLE_EXIT): requeueing job $SLURM_JOB_ID"
+  ms_log "requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" || ms_log "scontrol requeue $SLURM_JOB_ID refused: resubmit to resume"
 }
 

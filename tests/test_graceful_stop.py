@@ -39,9 +39,12 @@ def test_time_budget_exits_resumable_and_the_same_command_continues(setup, tmp_p
     path.write_text(dump_config(config))
     cmd = [sys.executable, "-m", "megatron_student.cli", "train", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*cmd, "exit.duration_minutes=1e-6"], env=env, capture_output=True, text=True, timeout=600)
+    stop_file = tmp_path / "stopped.txt"  # launch/common.sh names it: the stop is known even if srun says 143
+    first = subprocess.run([*cmd, "exit.duration_minutes=1e-6"], env={**env, "MS_STOP_FILE": str(stop_file)},
+                           capture_output=True, text=True, timeout=600)
     assert first.returncode == RESUMABLE_EXIT_CODE, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "stopped at step 1/2: time budget of 1e-06 min (exit.duration_minutes) spent" in first.stdout
+    message = "stopped at step 1/2: time budget of 1e-06 min (exit.duration_minutes) spent"
+    assert message in first.stdout and message in stop_file.read_text()
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "steps 1→2" in second.stdout and "iter_0000001" in second.stdout

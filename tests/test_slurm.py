@@ -172,7 +172,7 @@ def test_scancel_term_mid_stage_requeues_and_resumes_the_same_trajectory(chain, 
     step = int(stopped.group(1))
     assert 1 <= step < STEPS and stopped.group(2) == str(out / "checkpoints" / f"iter_{step:07d}")
     assert "received SIGTERM: stopping after the current step with a checkpoint" in log
-    assert f"requeueing job {job}" in log
+    assert f"requeueing job {job}" in log and "slurm_script: line" not in log
     assert f"steps {step}→{STEPS}" in log and f"resumed from {out / 'checkpoints' / f'iter_{step:07d}'}" in log
     reference, rows = train_rows(chain[0] / "stage_a"), train_rows(out)
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, STEPS + 1))

@@ -8,6 +8,10 @@ each optimiser step every rank calls :meth:`GracefulStop.requested`, which all-r
 stop after the same step; the trainer then writes a checkpoint and raises :class:`TrainingInterrupted`, and
 ``megatron-student train`` exits with :data:`RESUMABLE_EXIT_CODE`. ``launch/common.sh`` requeues a requeueable
 Slurm job on that status; the requeued (or resubmitted) job resumes from the checkpoint.
+
+The first rank to exit with 75 makes ``srun --kill-on-bad-exit`` terminate the others (already past the checkpoint)
+and srun's status is then theirs (143), so the launcher also names a file in ``MS_STOP_FILE``: rank 0 writes the
+stop message there once the checkpoint is complete, and the launcher reads the stop from it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 # sysexits.h EX_TEMPFAIL ("temporary failure; the user is invited to retry"): stopped with a checkpoint, resumable.
 RESUMABLE_EXIT_CODE = 75
+STOP_FILE_ENV = "MS_STOP_FILE"
 
 
 class TrainingInterrupted(RuntimeError):
@@ -102,4 +107,7 @@ class GracefulStop:
         message = (f"[{cfg.stage}] stopped at step {trainer.step}/{cfg.steps}: {reason}; checkpoint {path}; exit "
                    f"status {RESUMABLE_EXIT_CODE} (resumable: requeue or resubmit the job to continue)")
         trainer.sink.console(message)
+        stop_file = os.environ.get(STOP_FILE_ENV)
+        if stop_file and trainer.rank == 0:
+            Path(stop_file).write_text(message + "\n")
         return TrainingInterrupted(message, trainer.step, path)
