@@ -38,7 +38,8 @@ common=()
 declare -A per_stage=()
 for arg in "$@"; do
   if [[ "$arg" =~ ^([A-Za-z]):(.+)$ ]]; then
-    [[ " ${stages[*]} " == *" ${BASH_REMATCH[1]} "* ]] || die "'$arg': stage ${BASH_REMATCH[1]} is not in STAGES='${stages[*]}'"
+    [[ " ${stages[*]} " == *" ${BASH_REMATCH[1]} "* ]] ||
+      die "'$arg': stage ${BASH_REMATCH[1]} is not in STAGES='${stages[*]}'"
     per_stage[${BASH_REMATCH[1]}]+="${BASH_REMATCH[2]}"$'\n'
   elif [[ "$arg" == *=* && "$arg" != =* ]]; then
     common+=("$arg")

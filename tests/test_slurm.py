@@ -74,9 +74,26 @@ def common_overrides(root: Path, steps: int = STEPS) -> list[str]:
 
 
 def job_info(job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    for attempt in range(5):  # a busy slurmctld can drop a connection (scontrol then dies of SIGPIPE or times out)
+        res = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60)
+        if res.returncode == 0:
+            return dict(re.findall(r"(\w+)=(\S*)", res.stdout))
+        time.sleep(1)
+    raise RuntimeError(f"scontrol show job {job} failed 5 times (status {res.returncode}): {res.stderr.strip()}")
+
+
+def queued_jobs() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60).stdout.split())
+
+
+@pytest.fixture(autouse=True)
+def cancel_leftover_jobs(cluster):
+    """A failing test must not leave its 1000-step job running."""
+    before = queued_jobs()
+    yield
+    leftover = queued_jobs() - before
+    if leftover:
+        subprocess.run(["scancel", *leftover], timeout=60)
 
 
 def log_text(pattern: str, directory: Path) -> str:
@@ -119,7 +136,7 @@ def submit_stage_a(out: Path, overrides: list[str], sbatch_args: list[str]) -> s
     out.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", *CPU_JOB, f"--output={out}/slurm-%j.out", "--open-mode=append", *sbatch_args,
            str(LAUNCH / "stage_a.slurm"), *STAGE_A, *overrides]
-    res = subprocess.run(cmd, env=job_env(CONFIG=str(DEMO_CONFIG), OUTPUT_DIR=str(out)), cwd=out,
+    res = subprocess.run(cmd, env=job_env(CONFIG=str(DEMO_CONFIG), OUTPUT_DIR=str(out), LOG_DIR=str(out)), cwd=out,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().split(";")[0]

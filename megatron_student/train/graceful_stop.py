@@ -27,7 +27,7 @@ STOP_FILE_ENV = "MS_STOP_FILE"
 
 
 class TrainingInterrupted(RuntimeError):
-    """A stop was requested (a signal or the time budget); a checkpoint was written and resuming continues the run."""
+    """A stop was requested (a signal or the time budget); a checkpoint was written; resuming continues the run."""
 
     def __init__(self, message: str, step: int, checkpoint: Path):
         super().__init__(message)
