@@ -66,6 +66,10 @@ class GracefulStop:
         self._start = time.monotonic()
         for number in self.signals:
             self._previous[number] = signal.signal(number, self._handle)
+        if os.environ.get("RANK", "0") == "0":
+            triggers = [n.name for n in self.signals] + ([f"{self.budget_s / 60:g} min"] if self.budget_s else [])
+            print(f"graceful stop on {', '.join(triggers)}: finish the step, checkpoint, exit {RESUMABLE_EXIT_CODE}"
+                  if triggers else "graceful stop: off (no exit.signals, no exit.duration_minutes)", flush=True)
         return self
 
     def __exit__(self, *exc) -> None:
