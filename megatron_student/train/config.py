@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..ops.losses import ALIGNMENT_KINDS, LOGIT_LOSS_KINDS, LogitLoss
+from .graceful_stop import signal_number
 
 
 class ConfigError(ValueError):
@@ -225,6 +226,17 @@ class NanGuardSection:
 
 
 @dataclass
+class ExitSection:
+    """Graceful stop (train/graceful_stop.py): on any of ``signals`` (Slurm's SIGTERM on preemption or scancel; the
+    early warning of ``sbatch --signal=USR1@120`` before the time limit), or once ``duration_minutes`` of wall time
+    have passed since the run started (0: no budget), every rank finishes the current step, a checkpoint is written
+    and ``megatron-student train`` exits with status 75 (resumable: the launcher requeues the job)."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    duration_minutes: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     stage: str = ""
     steps: int = 1
@@ -241,6 +253,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     nan_guard: NanGuardSection = field(default_factory=NanGuardSection)
+    exit: ExitSection = field(default_factory=ExitSection)
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def resolved(self) -> dict:
@@ -425,6 +438,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.eval.every >= 0, src, "eval.every", f"must be >= 0, got {config.eval.every}")
     _check(config.eval.batches >= 1, src, "eval.batches", f"must be >= 1, got {config.eval.batches}")
     _check(config.nan_guard.max_consecutive >= 0, src, "nan_guard.max_consecutive", "must be >= 0")
+    for i, name in enumerate(config.exit.signals):
+        try:
+            signal_number(name)
+        except ValueError as e:
+            raise ConfigError(f"{src}: exit.signals[{i}]: {e}") from e
+    _check(config.exit.duration_minutes >= 0, src, "exit.duration_minutes",
+           f"must be >= 0 (0: no time budget), got {config.exit.duration_minutes}")
     return config
 
 

@@ -64,6 +64,7 @@ from ..ops.losses import (
 )
 from ..student.config import StudentConfig
 from .config import ConfigError, TrainConfig, dump_config
+from .graceful_stop import GracefulStop
 from .metrics import MetricsSink, RouterStats
 from .optim import MegatronAdam, TorchAdamW, apply_freeze, is_expert_parameter, learning_rate, optimizer_implementation
 
@@ -646,7 +647,9 @@ class Trainer:
 
     # ---- the loop
 
-    def fit(self) -> list[StepRecord]:
+    def fit(self, stop: GracefulStop | None = None) -> list[StepRecord]:
+        """Train to ``steps``; with ``stop``, a requested stop (checked after every step) writes a checkpoint and
+        raises graceful_stop.TrainingInterrupted."""
         cfg = self.config
         history: list[StepRecord] = []
         if self.step >= cfg.steps:
@@ -674,6 +677,8 @@ class Trainer:
                     if scalars:
                         self.sink.console(f"[{cfg.stage}] eval step {self.step}: " + ", ".join(
                             f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items()))
+                if stop is not None and self.step < cfg.steps and (reason := stop.requested(self.device)):
+                    raise stop.interrupt(reason, self)
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.steps:
                     self.save_checkpoint()
         finally:
@@ -698,9 +703,9 @@ class Trainer:
                               f"{cfg.logging.router_min_entropy} in {', '.join(collapsing)}")
 
 
-def train(config: TrainConfig) -> list[StepRecord]:
+def train(config: TrainConfig, stop: GracefulStop | None = None) -> list[StepRecord]:
     """Run one stage (initialising torch.distributed from the environment when needed); returns this process's
-    step records."""
+    step records. ``stop``: see :meth:`Trainer.fit`."""
     with distributed_context():
         trainer = Trainer(config)
-        return trainer.fit()
+        return trainer.fit(stop)
