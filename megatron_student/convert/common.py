@@ -76,22 +76,31 @@ def single_process_group(backend: str = "gloo"):
             torch.distributed.destroy_process_group()
 
 
-# What a torch_dist ``.metadata`` pickle may name: DCP's metadata dataclasses and the plain torch values inside them.
+# What a torch_dist ``.metadata`` pickle may name: DCP's metadata and save-plan dataclasses (Megatron's save keeps
+# every rank's plan in it) and the plain torch values inside them.
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")} | {
+} | {
+    ("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("collections", "OrderedDict")} | {
     ("torch", str(dtype).removeprefix("torch.")) for dtype in (
         torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
         torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _METADATA_GLOBALS:
-            raise pickle.UnpicklingError(f"names {module}.{name}, which is not part of torch_dist metadata")
+            raise _Refused(f"names {module}.{name}, which is not part of torch_dist metadata")
         return super().find_class(module, name)
 
 
@@ -102,9 +111,9 @@ def read_dcp_metadata(directory: Path) -> Metadata:
         raise CheckpointFileError(f"{path}: missing; {directory} is not a complete torch_dist checkpoint")
     try:
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise CheckpointFileError(f"{path}: refused, it {e}; a checkpoint from elsewhere must not run code") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointFileError(f"{path}: damaged or truncated ({type(e).__name__}: {e}); use another iteration or "
                                   "re-create the checkpoint") from None
     if not isinstance(metadata, Metadata):
@@ -126,7 +135,11 @@ def safe_torch_load(path: Path, source=None):
     try:
         return torch.load(path if source is None else source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0]
+        if "Weights only load failed" not in str(e):
+            raise CheckpointFileError(f"{path}: damaged or truncated ({e}); use another iteration or re-create the "
+                                      "checkpoint") from None
+        reason = next((line.split("error: ")[-1].split(". Please")[0] for line in str(e).splitlines()
+                       if "WeightsUnpickler error" in line), "not plain values and tensors")
         raise CheckpointFileError(f"{path}: refused, it holds objects that only load by running code ({reason}); "
                                   "only plain values and tensors are loaded from checkpoints") from None
     except (EOFError, RuntimeError, OSError) as e:

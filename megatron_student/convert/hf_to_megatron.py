@@ -38,6 +38,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import apply_factories
 from safetensors import safe_open
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.overrides import TorchFunctionMode
 
 from ..megatron import ParallelConfig, build_student, build_teacher, hf_to_megatron_state_dict, initialize_parallel
@@ -279,7 +280,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
             sharded[METADATA_KEY] = metadata
             (tmp / RELEASE_NAME).mkdir()
             strategy = StreamingSaveStrategy(StreamedShards(model, reader, allow_nonfinite).pop, unit_of)
-            dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME), sharded_strategy=strategy)
+            try:
+                dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME), sharded_strategy=strategy)
+            except CheckpointException as e:  # DCP wraps what the data source raised; that error names the tensor
+                raise next(iter(e.failures.values()))[0] from None
             del model, sharded
         (tmp / TRACKER_NAME).write_text(RELEASE_NAME + "\n")
         tmp.chmod(0o755)  # mkdtemp creates it 0700
