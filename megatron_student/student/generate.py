@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data.check_format import check_tokens
+from ..data.schema import SPECIAL_TEXT
 from ..harmony_vocab import harmony_encoding
 from ..teacher.checkpoint import stored_tensor_files
 from .modeling import HARMONY_STOP_TOKEN_IDS
@@ -105,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         print(f"error: --temperature must be >= 0, got {args.temperature}", file=sys.stderr)
         return 2
+    if not args.prompt.strip():
+        print("error: --prompt is empty", file=sys.stderr)
+        return 2
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system), ("--developer", args.developer)):
+        match = SPECIAL_TEXT.search(text or "")
+        if match:  # refused in every text field of the training data too (prepare-data)
+            print(f"error: {flag} contains Harmony special-token text {match.group()!r}", file=sys.stderr)
+            return 2
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         print(f"error: {model_dir}: no config.json (not an HF model directory)", file=sys.stderr)
