@@ -95,14 +95,16 @@ class Payload:
         return exec, (f"open({self.marker!r}, 'w').write('ran')",)
 
 
-def copied_run(root: Path, name: str) -> Path:
+def copied_run(root: Path, name: str, step: int) -> Path:
+    """A copy of the killed run's checkpoints resuming from ``step`` (the resume test may have saved later ones)."""
     shutil.copytree(root / "killed" / "ckpt", root / name / "ckpt")
+    (root / name / "ckpt" / TRACKER_NAME).write_text(f"{step}\n")
     return root / name / "ckpt"
 
 
 def test_trainer_state_with_code_is_refused(killed_run):
     root, step, _ = killed_run
-    ckpt, marker = copied_run(root, "crafted"), root / "crafted" / "marker"
+    ckpt, marker = copied_run(root, "crafted", step), root / "crafted" / "marker"
     rank_file = ckpt / f"iter_{step:07d}" / "trainer" / "rank_00000.pt"
     state = torch.load(rank_file, weights_only=True)  # what the trainer writes loads safely
     torch.save({**state, "extra": Payload(marker)}, rank_file)
@@ -113,7 +115,7 @@ def test_trainer_state_with_code_is_refused(killed_run):
 
 def test_damaged_checkpoint_files_are_named_on_resume(killed_run):
     root, step, _ = killed_run
-    ckpt = copied_run(root, "damaged")
+    ckpt = copied_run(root, "damaged", step)
     config = make_config(root, "damaged", [f"steps={step + 1}"])
     shard = sorted((ckpt / f"iter_{step:07d}").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
