@@ -25,13 +25,13 @@ import numpy as np
 from openai_harmony import HarmonyError
 
 from megatron_student.data.manifest import OVERLONG, Manifest, ManifestError, load_manifest
-from megatron_student.hf_io import replace_directory, sweep_temp_siblings, temp_sibling
 from megatron_student.data.packing import FirstFitPacker
 from megatron_student.data.render import FLAG_ANALYSIS, FLAG_COMMENTARY, FLAG_FINAL, FLAG_LABEL, Renderer
 from megatron_student.data.schema import RecordError, parse_record, record_key
 from megatron_student.data.split import SPLITS, split_of
 from megatron_student.data.storage import PackedShardWriter
 from megatron_student.data.weighting import load_weighter
+from megatron_student.hf_io import replace_directory, sweep_temp_siblings, temp_sibling
 
 
 class PrepareFailed(RuntimeError):
