@@ -173,13 +173,20 @@ def test_empty_or_truncated_checkpoint_records_are_named(megatron_dir, tmp_path)
     with pytest.raises(CheckpointFileError, match=f"{ckpt / TRACKER_NAME}: holds '', not an iteration number"):
         convert_megatron_to_hf(ckpt, tmp_path / "hf")
     (ckpt / TRACKER_NAME).write_text("release\n")
-    for name in ("common.pt", ".metadata"):
+    for name in ("common.pt", ".metadata", "metadata.json"):
         path = ckpt / "release" / name
         original = path.read_bytes()
         path.write_bytes(original[: len(original) // 2])
-        with pytest.raises(CheckpointFileError, match=f"{path}: damaged or truncated"):
+        with pytest.raises(CheckpointFileError, match=f"{path}: (damaged or truncated|not valid JSON)"):
             convert_megatron_to_hf(ckpt, tmp_path / "hf")
         path.write_bytes(original)
+
+
+def test_truncated_config_json_is_named(student_dir, tmp_path):
+    hf = copy_of(student_dir, tmp_path)
+    (hf / "config.json").write_text((hf / "config.json").read_text()[:50])
+    with pytest.raises(CheckpointFileError, match=f"{hf / 'config.json'}: not valid JSON"):
+        convert_hf_to_megatron(hf, tmp_path / "mg", "student")
 
 
 def _shard(student_dir: Path, tmp_path: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -74,6 +75,17 @@ def single_process_group(backend: str = "gloo"):
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
             torch.distributed.destroy_process_group()
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object file (config.json, metadata.json); a damaged one is named."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"{path}: not valid JSON ({e}); the file is truncated or damaged") from None
+    if not isinstance(value, dict):
+        raise CheckpointFileError(f"{path}: holds a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 # What a torch_dist ``.metadata`` pickle may name: DCP's metadata and save-plan dataclasses (Megatron's save keeps

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import shutil
 import time
@@ -49,7 +48,15 @@ from ..student.modeling import StudentForCausalLM
 from ..teacher import TeacherCheckpoint
 from ..teacher.checkpoint import stored_tensor_files
 from ..teacher.config import CONFIG_NAME
-from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
+from .common import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    RELEASE_NAME,
+    TRACKER_NAME,
+    ConversionError,
+    read_json_object,
+    single_process_group,
+)
 from .megatron_to_hf import megatron_source
 from .streaming_save import StreamingSaveStrategy
 
@@ -206,7 +213,7 @@ def open_hf_checkpoint(directory: str | Path, role: str):
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no config.json")
-    config_dict = json.loads(config_file.read_text())
+    config_dict = read_json_object(config_file)
     model_type = config_dict.get("model_type")
     if model_type != MODEL_TYPES[role]:
         raise ConversionError(f"{config_file}: field 'model_type' is {model_type!r}; --role {role} needs "

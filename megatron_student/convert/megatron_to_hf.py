@@ -43,6 +43,7 @@ from .common import (
     ConversionError,
     SafeFileSystemReader,
     load_common_state,
+    read_json_object,
     resolve_megatron_dir,
     verify_torch_dist,
 )
@@ -57,7 +58,7 @@ class MegatronCheckpoint:
 
     def __init__(self, path: str | Path):
         self.directory = resolve_megatron_dir(path)
-        backend = json.loads((self.directory / "metadata.json").read_text()).get("sharded_backend")
+        backend = read_json_object(self.directory / "metadata.json").get("sharded_backend")
         if backend != "torch_dist":
             raise ConversionError(f"{self.directory}/metadata.json: sharded_backend is {backend!r}, expected 'torch_dist'")
         self.tensors = {k: v for k, v in verify_torch_dist(self.directory).state_dict_metadata.items()
