@@ -21,8 +21,11 @@ Checkpoints (``checkpoint.dir``, Megatron-LM layout ``iter_NNNNNNN/`` + ``latest
 the model as torch_dist (reshardable; carries the converters' metadata record, so ``convert-megatron-to-hf``
 exports it and a next stage starts from it with ``student.megatron``), ``trainer/rank_NNNNN.pt`` per rank
 (step, sampler position, RNG states, guard counters, optimizer state; resume needs the same world size, TP, EP
-and optimizer implementation) and ``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed;
-the tracker is replaced atomically.
+and optimizer implementation; plain values and tensors only, loaded with ``weights_only=True``) and
+``config.yaml`` (the resolved config). Written in this process (no writer processes to outlive a killed run) to
+``.tmp-iter_…`` and renamed; the tracker is replaced atomically. Every file of a checkpoint is checked before
+anything in it is unpickled (``convert.common.verify_torch_dist``). On resume, metrics.jsonl and TensorBoard drop
+what was logged after the checkpoint.
 """
 
 from __future__ import annotations
@@ -45,8 +48,18 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from ..convert.common import FORMAT_VERSION, METADATA_KEY, TRACKER_NAME, resolve_megatron_dir, single_process_group
+from ..convert.common import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    TRACKER_NAME,
+    load_common_state,
+    resolve_megatron_dir,
+    safe_torch_load,
+    single_process_group,
+    verify_torch_dist,
+)
 from ..convert.hf_to_megatron import LazyState, open_hf_checkpoint
+from ..convert.streaming_save import InProcessSaveStrategy
 from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
 from ..kernels import first_step_notice
 from ..megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
@@ -115,7 +128,8 @@ def load_model(path: str | Path, role: str, parallel: ParallelConfig):
     build = build_student if role == "student" else build_teacher
     if _is_megatron_checkpoint(path):
         directory = resolve_megatron_dir(path)
-        meta = dist_checkpointing.load_common_state_dict(str(directory)).get(METADATA_KEY)
+        verify_torch_dist(directory)  # before Megatron unpickles anything in it
+        meta = load_common_state(directory).get(METADATA_KEY)
         if meta is None:
             raise ValueError(f"{directory}/common.pt: no '{METADATA_KEY}' record; convert the checkpoint with "
                              "megatron-student convert-hf-to-megatron")
@@ -325,6 +339,13 @@ class Trainer:
             raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}·micro_batch must be divisible by "
                               f"tp={self.tp_size} (sequence parallelism)")
 
+        self.train_data = HarmonyPackedDataset(d.path, "train")  # checked before the models are built
+        if self.train_data.seq_len != d.seq_len:
+            raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
+                              f"{self.train_data.seq_len}")
+        self.stream = BatchStream(self.train_data, ResumableSampler(len(self.train_data), d.seed, d.shuffle,
+                                                                    self.dp_rank, self.dp_size), d.micro_batch)
+
         self.resume_dir = self._resume_directory()
         if self.resume_dir is not None:
             self._check_resume_layout(self.resume_dir)
@@ -359,12 +380,6 @@ class Trainer:
         self.router_stats = RouterStats(self.student, cfg.logging.router_min_entropy)
         self.flops_per_token = 6 * active_parameters(self.student) + 2 * active_parameters(self.teacher)
 
-        self.train_data = HarmonyPackedDataset(d.path, "train")
-        if self.train_data.seq_len != d.seq_len:
-            raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
-                              f"{self.train_data.seq_len}")
-        self.stream = BatchStream(self.train_data, ResumableSampler(len(self.train_data), d.seed, d.shuffle,
-                                                                    self.dp_rank, self.dp_size), d.micro_batch)
         self.step = 0
         self.tokens_seen = 0
         self.consecutive_bad = 0
@@ -373,7 +388,8 @@ class Trainer:
             self._load_trainer_state(self.resume_dir)
         self.sink = MetricsSink(cfg.logging.dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                 wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                                run_name=cfg.stage, config=cfg.resolved())
+                                run_name=cfg.stage, config=cfg.resolved(),
+                                resume_step=self.step if self.resume_dir is not None else None)
 
     # ---- setup helpers
 
@@ -567,7 +583,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.stream.state_dict(),
             "layout": self._layout(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": random.getstate(), "numpy": _numpy_rng_plain(np.random.get_state()),
+                    "torch": torch.get_rng_state()},
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state()
@@ -594,7 +611,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trainer state for rank {self.rank} (was the checkpoint written with "
                                     "a different world size?)")
-        state = torch.load(path, weights_only=False)
+        state = safe_torch_load(path)
         layout = self._layout()
         if state["layout"] != layout:
             raise ValueError(f"{path}: written with {state['layout']}, resuming with {layout}; resume needs the same "
@@ -604,7 +621,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["sampler"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, position, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -629,7 +647,7 @@ class Trainer:
         }
         sharded = self.student.sharded_state_dict()
         sharded[METADATA_KEY] = metadata
-        dist_checkpointing.save(sharded, str(tmp))
+        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=InProcessSaveStrategy())
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(self._trainer_state(), tmp / "trainer" / f"rank_{self.rank:05d}.pt")
         dist.barrier()
@@ -701,6 +719,12 @@ class Trainer:
         if collapsing:
             self.sink.console(f"[{cfg.stage}] WARNING routing collapse: normalised entropy below "
                               f"{cfg.logging.router_min_entropy} in {', '.join(collapsing)}")
+
+
+def _numpy_rng_plain(state: tuple) -> tuple:
+    """numpy's MT19937 state with its key array as a tensor: loadable with ``weights_only=True``."""
+    name, keys, position, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
 
 
 def train(config: TrainConfig, stop: GracefulStop | None = None) -> list[StepRecord]:
