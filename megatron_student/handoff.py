@@ -44,7 +44,8 @@ REFERENCE = "teacher_reference.json"
 READINESS = "readiness.json"
 # Config keys that fix the tokenizer's special ids and the context the student inherits from its teacher.
 SPECIAL_TOKEN_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-CONTEXT_KEYS = ("max_position_embeddings", "initial_context_length", "rope_theta", "rope_scaling", "sliding_window")
+# (gpt-oss's legacy initial_context_length is the YaRN original_max_position_embeddings, compared inside "rope".)
+CONTEXT_KEYS = ("max_position_embeddings", "sliding_window")
 
 
 class HandoffError(RuntimeError):
@@ -77,37 +78,23 @@ def _rope(config: dict):
     return params
 
 
+def model_reference(directory: Path) -> dict:
+    """What a student must share with its teacher, read from an HF directory (either of them)."""
+    config = _json(directory / "config.json")
+    tokenizer_config = _json(directory / "tokenizer_config.json")
+    template = directory / "chat_template.jinja"
+    return {
+        "tokenizer_files": {f: sha256(directory / f) for f in TOKENIZER_FILES if (directory / f).is_file()},
+        "special_tokens": {k: config.get(k) for k in SPECIAL_TOKEN_KEYS},
+        "chat_template": sha256(template) if template.is_file() else tokenizer_config.get("chat_template"),
+        "context": {**{k: config.get(k) for k in CONTEXT_KEYS}, "rope": _rope(config)},
+    }
+
+
 def teacher_reference(teacher: Path) -> dict:
-    """What a student of ``teacher`` must share with it."""
-    config = _json(teacher / "config.json")
-    if not config:
+    if not (teacher / "config.json").is_file():
         raise HandoffError(f"{teacher}: no config.json (the teacher's HF directory is needed for the reference)")
-    generation = _json(teacher / "generation_config.json")
-    tokenizer_config = _json(teacher / "tokenizer_config.json")
-    template = teacher / "chat_template.jinja"
-    return {
-        "teacher": str(teacher),
-        "tokenizer_files": {f: sha256(teacher / f) for f in TOKENIZER_FILES if (teacher / f).is_file()},
-        "special_tokens": {k: config.get(k) for k in SPECIAL_TOKEN_KEYS},
-        "generation_eos_token_id": generation.get("eos_token_id"),
-        "chat_template": (sha256(template) if template.is_file() else tokenizer_config.get("chat_template")),
-        "context": {**{k: config.get(k) for k in CONTEXT_KEYS if k not in ("rope_theta", "rope_scaling")},
-                    "rope": _rope(config)},
-    }
-
-
-def _student_reference(student: Path) -> dict:
-    """The same record computed from the student directory (for comparison with the teacher's)."""
-    config = _json(student / "config.json")
-    tokenizer_config = _json(student / "tokenizer_config.json")
-    template = student / "chat_template.jinja"
-    return {
-        "tokenizer_files": {f: sha256(student / f) for f in TOKENIZER_FILES if (student / f).is_file()},
-        "special_tokens": {k: config.get(k) for k in SPECIAL_TOKEN_KEYS},
-        "chat_template": (sha256(template) if template.is_file() else tokenizer_config.get("chat_template")),
-        "context": {**{k: config.get(k) for k in CONTEXT_KEYS if k not in ("rope_theta", "rope_scaling")},
-                    "rope": _rope(config)},
-    }
+    return {"teacher": str(teacher), **model_reference(teacher)}
 
 
 def _compare(name: str, student, teacher) -> Check:
@@ -146,7 +133,7 @@ def readiness_checks(student: Path, reference: dict) -> tuple[list[Check], dict]
     from .student.modeling import HARMONY_STOP_TOKEN_IDS
 
     checks: list[Check] = []
-    mine = _student_reference(student)
+    mine = model_reference(student)
     checks.append(_compare("tokenizer files", mine["tokenizer_files"], reference["tokenizer_files"]))
     checks.append(_compare("special tokens", mine["special_tokens"], reference["special_tokens"]))
     generation = _json(student / "generation_config.json")

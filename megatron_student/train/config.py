@@ -432,6 +432,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.eval.every >= 0, src, "eval.every", f"must be >= 0, got {config.eval.every}")
     _check(config.eval.batches >= 1, src, "eval.batches", f"must be >= 1, got {config.eval.batches}")
     if config.eval.suite:
+        from ..evaluate.suite import BUILTIN
+
+        _check(config.eval.suite in BUILTIN or Path(config.eval.suite).is_file(), src, "eval.suite",
+               f"{config.eval.suite!r} is neither a built-in suite ({', '.join(BUILTIN)}) nor a suite file")
         _check(config.checkpoint.every >= 1 and config.eval.suite_every >= 1
                and config.eval.suite_every % config.checkpoint.every == 0, src, "eval.suite_every",
                f"must be a positive multiple of checkpoint.every={config.checkpoint.every} (the suite evaluates the "
