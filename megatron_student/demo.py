@@ -24,7 +24,7 @@ from pathlib import Path
 TEACHER_SHAPE = dict(layers=2, hidden=64, heads=8, kv_heads=2, head_dim=16, experts=4, experts_per_token=2,
                      intermediate=64, dtype="fp32", seed=0)
 # The tiny teacher's own training: plain next-token CE on the assistant tokens of the bundled conversations.
-TEACHER_TRAINING = dict(steps=100, lr=1e-2, batch=8, warmup=10, seed=0)
+TEACHER_TRAINING = dict(steps=80, lr=1e-2, batch=4, warmup=10, seed=0)
 # Stage A: RADLADS/Arcee-style attention alignment; stage B: everything but the embeddings, KL + CE.
 STAGE_A = ["stage=demo_a", r"optimizer.freeze=['^embedding\.', '\.mlp\.', 'layernorm', '^output_layer\.']",
            "optimizer.lr=3.0e-3", "losses.hidden.weight=0.6",

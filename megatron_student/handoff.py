@@ -323,7 +323,10 @@ def verify(bundle: str | Path) -> list[Check]:
     if not reference_path.is_file():
         return checks + [Check("teacher reference", False, f"{reference_path}: missing")]
     reference = json.loads(reference_path.read_text())
-    student_checks, canary = readiness_checks(bundle / "student", reference)
+    try:
+        student_checks, canary = readiness_checks(bundle / "student", reference)
+    except Exception as e:  # noqa: BLE001 - a damaged student must fail verification with its cause, not crash
+        return checks + [Check("student loads", False, f"{bundle / 'student'}: {type(e).__name__}: {e}")]
     checks += student_checks
     recorded = reference["canary"]
     if recorded["device"] == canary["device"]:

@@ -58,15 +58,20 @@ def test_demo_end_to_end(demo):
         run_demo(out)
 
 
-def test_evaluate_cli_on_a_megatron_checkpoint_with_gates(demo, tmp_path):
-    out, _ = demo
-    suite = tmp_path / "suite.yaml"
-    suite.write_text(
+def tiny_suite(path: Path) -> Path:
+    """A seconds-long suite whose second gate cannot pass."""
+    path.write_text(
         "name: tiny\nagreement: {max_documents: 2}\n"
         "generation: {max_new_tokens: 12, prompts: [{prompt: 'What is 12 + 30?', kind: math}]}\n"
         "probes: {max_new_tokens: 8, arithmetic: 1, needle: {lengths: [200], samples: 1, keys: 2}}\n"
         "gates:\n  - {metric: student.agreement.all.kl, max: 1000}\n"
         "  - {metric: student.generation.compliance_rate, min: 1.01}\n")
+    return path
+
+
+def test_evaluate_cli_on_a_megatron_checkpoint_with_gates(demo, tmp_path):
+    out, _ = demo
+    suite = tiny_suite(tmp_path / "suite.yaml")
     result = cli("evaluate", "--model", str(out / "stage_b"), "--teacher", str(out / "teacher"), "--data",
                  str(out / "data"), "--suite", str(suite), "--output", str(tmp_path / "eval"), "--no-progress")
     assert result.returncode == 1, result.stderr[-2000:]
@@ -118,3 +123,21 @@ def test_handoff_bundle_passes_readiness_and_tampering_is_named(demo, tmp_path):
     assert refused.returncode == 1
     assert "context length: differs from the teacher's: max_position_embeddings" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_training_runs_the_suite_and_warns_on_failed_gates(demo, tmp_path):
+    out, _ = demo
+    suite = tiny_suite(tmp_path / "suite.yaml")
+    result = cli("train", str(REPO / "configs" / "demo.yaml"), "stage=suite_check", "steps=1", "student.hf=null",
+                 f"student.megatron={out / 'stage_b'}", f"teacher.path={out / 'teacher_megatron'}",
+                 f"data.path={out / 'data'}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=1",
+                 f"logging.dir={tmp_path / 'logs'}", f"eval.suite={suite}", "eval.suite_every=1",
+                 f"eval.suite_teacher={out / 'teacher'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "WARNING eval suite gate failed at step 1: student.generation.compliance_rate" in result.stdout
+    report = json.loads((tmp_path / "logs" / "suite" / "step_0000001" / "report.json").read_text())
+    assert report["models"]["teacher"]["path"] == str(out / "teacher") and not report["passed"]
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    suite_rows = [r for r in rows if "suite/compliance_rate" in r]
+    assert len(suite_rows) == 1 and suite_rows[0]["step"] == 1 and suite_rows[0]["suite/gates_failed"] == 1.0
+    assert "suite/kl_final" in suite_rows[0]

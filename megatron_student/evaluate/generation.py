@@ -38,8 +38,8 @@ def split_messages(tokens: list[int]) -> list[Message]:
         header = tokens[i:body]
         channel = None
         if CHANNEL in header:
-            after = header[header.index(CHANNEL) + 1:]
-            channel = enc.decode([t for t in after if t < ENDOFTEXT]).split()[0] if after else ""
+            words = enc.decode([t for t in header[header.index(CHANNEL) + 1:] if t < ENDOFTEXT]).split()
+            channel = words[0] if words else ""
         j = body + 1
         while j < n and tokens[j] not in STOPS:
             j += 1
