@@ -132,7 +132,8 @@ def test_handoff_bundle_passes_readiness_and_tampering_is_named(demo, tmp_path):
 def test_training_runs_the_suite_and_warns_on_failed_gates(demo, tmp_path):
     out, _ = demo
     suite = tiny_suite(tmp_path / "suite.yaml")
-    result = cli("train", str(REPO / "configs" / "demo.yaml"), "stage=suite_check", "steps=1", "student.hf=null",
+    result = cli("train", str(REPO / "configs" / "demo.yaml"), "stage=suite_check", "steps=1",
+                 "schedule.warmup_steps=0", "student.hf=null",
                  f"student.megatron={out / 'stage_b'}", f"teacher.path={out / 'teacher_megatron'}",
                  f"data.path={out / 'data'}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=1",
                  f"logging.dir={tmp_path / 'logs'}", f"eval.suite={suite}", "eval.suite_every=1",
