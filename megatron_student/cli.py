@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-megatron-to-hf": ("megatron_student.convert.megatron_to_hf",
                                "Megatron student checkpoint (any TP/EP) → HF bf16 bundle"),
     "train": ("megatron_student.train.cli", "run a distillation stage"),
+    "evaluate": ("megatron_student.evaluate.runner",
+                 "teacher agreement, router health, Harmony behaviour and probes → report + gates"),
+    "handoff": ("megatron_student.handoff", "assemble or verify the bundle for the next (NVFP4) phase"),
     "demo": ("megatron_student.demo", "end-to-end demo on a tiny embedded model (CPU or GPU)"),
 }
 

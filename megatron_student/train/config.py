@@ -211,10 +211,17 @@ class LoggingSection:
 @dataclass
 class EvalSection:
     """Held-out (valid split) forward KL(T=1) and CE every ``every`` steps over ``batches`` micro-batches
-    (0 disables)."""
+    (0 disables). ``suite``: an evaluation suite (``default``, ``demo`` or a suite YAML; see ``megatron-student
+    evaluate``) run by rank 0 on the checkpoint written every ``suite_every`` steps (a multiple of
+    ``checkpoint.every``) and at the last step, against ``suite_teacher`` (an HF gpt-oss dir; default
+    ``teacher.path`` when that is an HF dir); reports go to ``<logging.dir>/suite/step_N``, scores to the metrics
+    and failed gates are logged as warnings."""
 
     every: int = 0
     batches: int = 4
+    suite: str | None = None
+    suite_every: int = 0
+    suite_teacher: str | None = None
 
 
 @dataclass
@@ -437,6 +444,15 @@ def validate(config: TrainConfig) -> TrainConfig:
            "must be > 0 or null")
     _check(config.eval.every >= 0, src, "eval.every", f"must be >= 0, got {config.eval.every}")
     _check(config.eval.batches >= 1, src, "eval.batches", f"must be >= 1, got {config.eval.batches}")
+    if config.eval.suite:
+        from ..evaluate.suite import BUILTIN
+
+        _check(config.eval.suite in BUILTIN or Path(config.eval.suite).is_file(), src, "eval.suite",
+               f"{config.eval.suite!r} is neither a built-in suite ({', '.join(BUILTIN)}) nor a suite file")
+        _check(config.checkpoint.every >= 1 and config.eval.suite_every >= 1
+               and config.eval.suite_every % config.checkpoint.every == 0, src, "eval.suite_every",
+               f"must be a positive multiple of checkpoint.every={config.checkpoint.every} (the suite evaluates the "
+               f"checkpoint written at that step), got {config.eval.suite_every}")
     _check(config.nan_guard.max_consecutive >= 0, src, "nan_guard.max_consecutive", "must be >= 0")
     for i, name in enumerate(config.exit.signals):
         try:

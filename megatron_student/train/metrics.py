@@ -19,6 +19,15 @@ import torch
 import torch.distributed as dist
 
 
+def expert_balance(counts: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """(load fraction per expert, entropy of it normalised by log(E) (1 = uniform), largest fraction) of one
+    layer's routing counts (not all zero)."""
+    fraction = counts / counts.sum()
+    nonzero = fraction[fraction > 0]
+    entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(len(fraction)) if len(fraction) > 1 else 1.0
+    return fraction, entropy, float(fraction.max())
+
+
 class RouterStats:
     """Forward hooks on every router of ``model`` (modules with a ``routing`` method and ``num_moe_experts``);
     counts accumulate while ``enabled``."""
@@ -58,11 +67,9 @@ class RouterStats:
             total = float(counts.sum())
             if total == 0:
                 continue
-            fraction = counts / total
-            nonzero = fraction[fraction > 0]
-            entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(len(fraction)) if len(fraction) > 1 else 1.0
+            fraction, entropy, max_share = expert_balance(counts)
             scalars[f"router/{name}/entropy"] = entropy
-            scalars[f"router/{name}/max_share"] = float(fraction.max())
+            scalars[f"router/{name}/max_share"] = max_share
             for e, f in enumerate(fraction.tolist()):
                 scalars[f"router/{name}/expert_{e}"] = f
             if entropy < self.min_entropy:

@@ -699,9 +699,23 @@ class Trainer:
                     raise stop.interrupt(reason, self)
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.steps:
                     self.save_checkpoint()
+                if cfg.eval.suite and (self.step % cfg.eval.suite_every == 0 or self.step == cfg.steps):
+                    self._run_suite()
         finally:
             self.sink.close()
         return history
+
+    def _run_suite(self) -> None:
+        """The evaluation suite on the checkpoint just written (rank 0; the other ranks wait at the barrier)."""
+        if self.rank == 0:
+            from ..evaluate.runner import training_suite
+
+            scalars, failed = training_suite(self.config, self.step, self.device)
+            self.sink.log(self.step, scalars)
+            for gate in failed:
+                self.sink.console(f"[{self.config.stage}] WARNING eval suite gate failed at step {self.step}: "
+                                  f"{gate['metric']}: {gate['reason']}")
+        dist.barrier()
 
     def _log(self, record: StepRecord) -> None:
         cfg = self.config
