@@ -244,17 +244,18 @@ def reshard(src: Path, dst: Path) -> None:
     import torch
     from megatron.core import dist_checkpointing
 
-    from megatron_student.convert.common import METADATA_KEY, resolve_megatron_dir, single_process_group
+    from megatron_student.convert.common import (METADATA_KEY, load_common_state, resolve_megatron_dir,
+                                                 single_process_group, verify_torch_dist)
     from megatron_student.megatron import ParallelConfig, initialize_parallel
     from megatron_student.train.trainer import load_model
 
     directory = resolve_megatron_dir(src)
-    rows = dist_checkpointing.load_tensors_metadata(str(directory))["embedding.word_embeddings.weight"].global_shape[0]
+    rows = verify_torch_dist(directory).state_dict_metadata["embedding.word_embeddings.weight"].size[0]
     with single_process_group():  # the written vocabulary padding (a multiple of 128·TP of the writer) kept
         parallel = ParallelConfig(params_dtype=torch.bfloat16, make_vocab_size_divisible_by=rows)
         initialize_parallel(parallel)
         model, _, _ = load_model(src, "student", parallel)
-        record = dist_checkpointing.load_common_state_dict(str(directory))[METADATA_KEY]
+        record = load_common_state(directory)[METADATA_KEY]
         if dst.exists():
             shutil.rmtree(dst)
         (dst / "release").mkdir(parents=True)

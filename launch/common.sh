@@ -40,6 +40,16 @@
 #                     NCCL_CROSS_NIC, NCCL_NVLS_ENABLE … are passed through unchanged when set.
 #                     NCCL_NVLS_ENABLE=0 (optional) turns NVLink SHARP/multicast off, for nodes or
 #                     containers where multicast objects cannot be created (NCCL hangs or fails at init).
+#   DEVICE            gpu (default) or cpu: CPU ranks with gloo (CUDA_VISIBLE_DEVICES empty, GPUS_PER_NODE
+#                     counts tasks: SLURM_NTASKS_PER_NODE, OMP_NUM_THREADS default SLURM_CPUS_PER_TASK else 1).
+#                     The stage scripts' #SBATCH headers request GPUs: submit with
+#                     `DEVICE=cpu sbatch --gpus-per-node=0 --ntasks-per-node=N launch/stage_a.slurm ...`.
+#   REQUEUE           1 (default): when the trainer stops gracefully (exit status 75: SIGTERM from preemption
+#                     or `scancel --signal=TERM`, the early warning of `sbatch --signal=USR1@120`, or its
+#                     exit.duration_minutes budget) after writing a checkpoint, requeue the job if Slurm lets it
+#                     (`scontrol show job` says Requeue=1: `sbatch --requeue` or the cluster's JobRequeue=1);
+#                     the requeued job resumes from the checkpoint. 0: never; the job ends with status 75 and
+#                     the same sbatch command resumes it.
 #   DRY_RUN           1: print the resolved environment and command(s), exit 0, launch nothing;
 #                     works without Slurm (placeholders: one node, MASTER_ADDR=localhost).
 #   ALLOW_CONTEXT_PARALLEL  1: do not refuse context-parallel overrides (see below).
@@ -51,6 +61,7 @@ set -euo pipefail
 
 MS_LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MS_COMMON="$MS_LAUNCH_DIR/common.sh"
+MS_RESUMABLE_EXIT=75   # megatron-student train: stopped gracefully with a checkpoint (train/graceful_stop.py)
 
 ms_die() { echo "launch error: $*" >&2; exit 1; }
 ms_log() { echo "[launch] $*" >&2; }
@@ -65,11 +76,7 @@ MS_NCCL_PASSTHROUGH=(NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_NVLS_ENABLE NCCL_SOCKET_I
 # Common resolution: repo, config, overrides, environment.
 # ---------------------------------------------------------------------------------------------------
 ms_resolve_common() {
-  REPO_DIR="${REPO_DIR:-$(dirname "$MS_LAUNCH_DIR")}"
-  REPO_DIR="$(cd "$REPO_DIR" && pwd)" || ms_die "REPO_DIR does not exist: $REPO_DIR"
-  DRY_RUN="${DRY_RUN:-0}"
-  TRAIN_BIN="${TRAIN_BIN:-megatron-student}"
-
+  ms_resolve_env
   [[ -n "${CONFIG:-}" ]] || ms_die "CONFIG is not set"
   if [[ "$CONFIG" != /* ]]; then CONFIG="$REPO_DIR/$CONFIG"; fi
   [[ -f "$CONFIG" ]] || ms_die "config file not found: $CONFIG (set CONFIG=path/to/config.yaml)"
@@ -86,7 +93,17 @@ ms_resolve_common() {
   if [[ -n "${OUTPUT_DIR:-}" ]]; then
     MS_OVERRIDES+=("checkpoint.dir=$OUTPUT_DIR/checkpoints" "logging.dir=$OUTPUT_DIR/logs")
   fi
+  MS_TRAIN_CMD=("$TRAIN_BIN" train "$CONFIG" "${MS_OVERRIDES[@]+"${MS_OVERRIDES[@]}"}")
+}
 
+# Repository, Python environment and the exported runtime variables (every launch).
+ms_resolve_env() {
+  REPO_DIR="${REPO_DIR:-$(dirname "$MS_LAUNCH_DIR")}"
+  REPO_DIR="$(cd "$REPO_DIR" && pwd)" || ms_die "REPO_DIR does not exist: $REPO_DIR"
+  DRY_RUN="${DRY_RUN:-0}"
+  TRAIN_BIN="${TRAIN_BIN:-megatron-student}"
+  DEVICE="${DEVICE:-gpu}"
+  [[ "$DEVICE" == gpu || "$DEVICE" == cpu ]] || ms_die "DEVICE must be gpu or cpu, got '$DEVICE'"
   LOG_DIR="${LOG_DIR:-$REPO_DIR/logs}"
   if [[ -z "${ENV_ACTIVATE+x}" && -f "$REPO_DIR/.venv/bin/activate" ]]; then
     ENV_ACTIVATE="$REPO_DIR/.venv/bin/activate"
@@ -99,21 +116,25 @@ ms_resolve_common() {
   export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
   [[ "$CUDA_DEVICE_MAX_CONNECTIONS" == 1 ]] || \
     ms_log "warning: CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS (Megatron's TP/SP overlap expects 1)"
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
+  if [[ "$DEVICE" == cpu ]]; then
+    export CUDA_VISIBLE_DEVICES=""     # torch sees no GPU: CPU tensors, gloo process groups
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+  else
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
+  fi
   export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
   export PYTHONUNBUFFERED=1
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
-  export REPO_DIR ENV_ACTIVATE
-  MS_TRAIN_CMD=("$TRAIN_BIN" train "$CONFIG" "${MS_OVERRIDES[@]+"${MS_OVERRIDES[@]}"}")
+  export REPO_DIR ENV_ACTIVATE DEVICE
 }
 
 # Print the resolved environment (the variables this launcher sets or passes through).
 ms_print_env() {
   local v
   echo "# environment"
-  for v in REPO_DIR CONFIG LAUNCHER JOB_NAME JOB_ID NNODES GPUS_PER_NODE WORLD_SIZE MASTER_ADDR MASTER_PORT \
+  for v in REPO_DIR CONFIG DEVICE LAUNCHER JOB_NAME JOB_ID NNODES GPUS_PER_NODE WORLD_SIZE MASTER_ADDR MASTER_PORT \
            NODELIST LOG_DIR JOB_LOG_DIR ENV_ACTIVATE CONTAINER_IMAGE CONTAINER_MOUNTS CONTAINER_WORKDIR \
-           CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS PYTHONUNBUFFERED "${MS_NCCL_PASSTHROUGH[@]}"; do
+           CUDA_VISIBLE_DEVICES CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS PYTHONUNBUFFERED "${MS_NCCL_PASSTHROUGH[@]}"; do
     if [[ -n "${!v+x}" && -n "${!v}" ]]; then printf '%s=%q\n' "$v" "${!v}"; fi
   done
 }
@@ -150,7 +171,7 @@ ms_launch_slurm() {
   NNODES="${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
   NODELIST="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-localhost}}"
   if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-    if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then GPUS_PER_NODE="$SLURM_GPUS_ON_NODE"
+    if [[ -n "${SLURM_GPUS_ON_NODE:-}" && "$DEVICE" == gpu ]]; then GPUS_PER_NODE="$SLURM_GPUS_ON_NODE"
     elif [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then GPUS_PER_NODE="${SLURM_NTASKS_PER_NODE%%(*}"
     elif [[ -n "${SLURM_NTASKS:-}" ]]; then GPUS_PER_NODE=$(( SLURM_NTASKS / NNODES ))
     else GPUS_PER_NODE=8; fi
@@ -229,9 +250,59 @@ ms_launch_slurm() {
   fi
 
   ms_record "${srun_cmd[@]}" "${inner[@]}"
-  ms_log "$JOB_NAME job $JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s), launcher $LAUNCHER," \
-         "master $MASTER_ADDR:$MASTER_PORT"
-  "${srun_cmd[@]}" "${inner[@]}"
+  ms_log "$JOB_NAME job $JOB_ID: $NNODES node(s) x $GPUS_PER_NODE ${DEVICE^^} rank(s), launcher $LAUNCHER," \
+         "master $MASTER_ADDR:$MASTER_PORT${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT}"
+  # Rank 0 writes MS_STOP_FILE after a graceful stop's checkpoint: srun's status can be another rank's 143, as
+  # --kill-on-bad-exit terminates the ranks still exiting when the first one leaves with 75.
+  export MS_STOP_FILE="$JOB_LOG_DIR/graceful-stop-${SLURM_RESTART_COUNT:-0}"
+  rm -f "$MS_STOP_FILE"
+  local rc=0
+  "${srun_cmd[@]}" "${inner[@]}" || rc=$?
+  if [[ $rc != 0 && -f "$MS_STOP_FILE" ]]; then
+    ms_log "$(cat "$MS_STOP_FILE")"
+    ms_requeue
+    exit "$MS_RESUMABLE_EXIT"
+  fi
+  exit "$rc"
+}
+
+# The trainer stopped gracefully with a checkpoint (train/graceful_stop.py): put the job back in the queue when
+# allowed (see REQUEUE above). A job being cancelled or preempted refuses the requeue; it ends.
+ms_requeue() {
+  if [[ "${REQUEUE:-1}" != 1 ]]; then
+    ms_log "REQUEUE=$REQUEUE: not requeueing; resubmit to resume"
+    return 0
+  fi
+  if ! scontrol show job "$SLURM_JOB_ID" | grep -qw 'Requeue=1'; then
+    ms_log "job $SLURM_JOB_ID is not requeueable (sbatch --requeue): resubmit to resume"
+    return 0
+  fi
+  ms_log "requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || ms_log "scontrol requeue $SLURM_JOB_ID refused: resubmit to resume"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Export of a stage's checkpoint to the HF bundle under Slurm (launch/export.slurm): one process.
+# ---------------------------------------------------------------------------------------------------
+ms_launch_export() {
+  ms_resolve_env
+  [[ -n "${MEGATRON:-}" ]] || ms_die "MEGATRON is not set (a stage's checkpoint dir, e.g. OUTPUT_DIR/checkpoints)"
+  [[ -n "${HF_OUTPUT:-}" ]] || ms_die "HF_OUTPUT is not set (the HF bundle directory to write)"
+  JOB_ID="${SLURM_JOB_ID:-dryrun}"
+  JOB_NAME="${JOB_NAME:-${SLURM_JOB_NAME:-$MS_DEFAULT_JOB_NAME}}"
+  JOB_LOG_DIR="$LOG_DIR/$JOB_NAME-$JOB_ID"
+  local cmd=(srun --nodes=1 --ntasks=1 bash "$MS_COMMON" _task node
+             "$TRAIN_BIN" convert-megatron-to-hf --megatron "$MEGATRON" --output "$HF_OUTPUT" "$@")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "# megatron-student export — DRY RUN (nothing is started)"
+    ms_print_env
+    echo "# command"
+    ms_quote "${cmd[@]}"
+    return 0
+  fi
+  [[ -n "${SLURM_JOB_ID:-}" ]] || ms_die "not inside a Slurm allocation (SLURM_JOB_ID unset): submit with sbatch"
+  ms_record "${cmd[@]}"
+  "${cmd[@]}"
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,7 +312,9 @@ ms_launch_local() {
   MS_OVERRIDES=("$@")
   ms_resolve_common
   LAUNCHER=torchrun
-  if [[ -z "${GPUS:-}" ]]; then
+  if [[ -z "${GPUS:-}" && "$DEVICE" == cpu ]]; then
+    GPUS=1
+  elif [[ -z "${GPUS:-}" ]]; then
     GPUS=0
     command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [[ "$GPUS" -ge 1 ]] 2>/dev/null || GPUS=1

@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_student.train.cli", "run a distillation stage"),
     "capture-teacher": ("megatron_student.offline.capture", "store a teacher's compressed top-k distributions"),
     "check-capture": ("megatron_student.offline.check", "measure a capture's fidelity against the dense teacher"),
+    "evaluate": ("megatron_student.evaluate.runner",
+                 "teacher agreement, router health, Harmony behaviour and probes → report + gates"),
+    "handoff": ("megatron_student.handoff", "assemble or verify the bundle for the next (NVFP4) phase"),
     "demo": ("megatron_student.demo", "end-to-end demo on a tiny embedded model (CPU or GPU)"),
 }
 

@@ -150,8 +150,8 @@ def test_prepare_demo_dataset_end_to_end(tmp_path):
 
 
 def test_overlong_truncate_and_drop_are_counted(tmp_path):
-    long = {"id": "long", "messages": [{"role": "user", "content": "x " * 400},
-                                       {"role": "assistant", "content": "ok"}]}
+    long = {"id": "long", "messages": [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": "ok " * 400}]}  # truncated in the reply
     data = write_jsonl(tmp_path / "d.jsonl", [conversation(1), long])
     manifest = load_manifest(write_manifest(tmp_path, [data]))
     stats = prepare(manifest, tmp_path / "t", 256, progress=False)

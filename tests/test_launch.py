@@ -256,3 +256,58 @@ def test_repo_stage_configs_exist_when_present():
     if not present:
         pytest.skip("configs/stage_*.yaml not written yet")
     assert present == list(STAGES.values())
+
+
+def test_cpu_device_dry_run_counts_tasks_not_gpus(fake_repo):
+    repo, bindir = fake_repo
+    env = _slurm_env(bindir, DRY_RUN="1", DEVICE="cpu", SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="2",
+                     SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="2")
+    res = _run(repo / "launch" / "stage_a.slurm", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "DEVICE=cpu" in res.stdout and "GPUS_PER_NODE=2" in res.stdout and "OMP_NUM_THREADS=1" in res.stdout
+    assert "--ntasks=2" in _command_line(res.stdout)
+    res = _run(repo / "launch" / "stage_a.slurm", env={**env, "DEVICE": "tpu"})
+    assert res.returncode != 0 and "DEVICE must be gpu or cpu" in res.stderr
+
+
+def test_export_dry_run_and_missing_checkpoint_variable(fake_repo):
+    repo, bindir = fake_repo
+    env = _slurm_env(bindir, DRY_RUN="1", MEGATRON="/runs/x/stage_b/checkpoints", HF_OUTPUT="/runs/x/hf")
+    res = _run(repo / "launch" / "export.slurm", "--force", env=env)
+    assert res.returncode == 0, res.stderr
+    assert _command_line(res.stdout) == ("srun --nodes=1 --ntasks=1 bash " + str(repo / "launch" / "common.sh") +
+                                         " _task node megatron-student convert-megatron-to-hf --megatron "
+                                         "/runs/x/stage_b/checkpoints --output /runs/x/hf --force")
+    res = _run(repo / "launch" / "export.slurm", env={k: v for k, v in env.items() if k != "MEGATRON"})
+    assert res.returncode != 0 and "MEGATRON is not set" in res.stderr
+
+
+def test_submit_chain_wires_dependencies_checkpoints_and_overrides(fake_repo, tmp_path):
+    """A stub sbatch records each submission (arguments and the variables the chain sets); the real chain runs in
+    tests/test_slurm.py."""
+    repo, bindir = fake_repo
+    record = tmp_path / "sbatch.txt"
+    _exe(bindir / "sbatch", f"""#!/bin/bash
+n=$(( $(cat {record} 2>/dev/null | grep -c '^JOB') + 100 ))
+{{ echo "JOB $n CONFIG=${{CONFIG:-}} OUTPUT_DIR=${{OUTPUT_DIR:-}} MEGATRON=${{MEGATRON:-}} DEVICE=${{DEVICE:-}}"
+   printf '%s\\n' "$@"; }} >> {record}
+echo "$n;cluster"
+""")
+    run = tmp_path / "run"
+    env = _slurm_env(bindir, RUN_DIR=str(run), DEVICE="cpu", CONFIG_B="/cfg/b.yaml", SBATCH_ARGS="--nodes=1 --requeue")
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    res = _run(repo / "launch" / "submit_chain.sh", "a:steps=3", "b:note=two words", "data.path=/d", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["stage_a 100", "stage_b 101", "export 102"]
+    jobs = [block.strip().splitlines() for block in record.read_text().split("JOB ")[1:]]
+    a, b, export = jobs
+    assert a[0] == f"100 CONFIG= OUTPUT_DIR={run}/stage_a MEGATRON= DEVICE=cpu"
+    assert a[1:] == ["--parsable", f"--output={run}/logs/%x-%j.out", "--nodes=1", "--requeue", "--gpus-per-node=0",
+                     "--ntasks-per-node=2", str(repo / "launch" / "stage_a.slurm"), "data.path=/d", "steps=3"]
+    assert b[0] == f"101 CONFIG=/cfg/b.yaml OUTPUT_DIR={run}/stage_b MEGATRON= DEVICE=cpu"
+    assert b[-6:] == ["--dependency=afterok:100", str(repo / "launch" / "stage_b.slurm"), "data.path=/d",
+                      "student.hf=null", f"student.megatron={run}/stage_a/checkpoints", "note=two words"]
+    assert export[0] == f"102 CONFIG= OUTPUT_DIR= MEGATRON={run}/stage_b/checkpoints DEVICE=cpu"
+    assert export[-2:] == ["--dependency=afterok:101", str(repo / "launch" / "export.slurm")]
+    bad = _run(repo / "launch" / "submit_chain.sh", "d:steps=1", env=env)
+    assert bad.returncode != 0 and "d:steps=1" in bad.stderr

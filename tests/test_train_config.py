@@ -64,6 +64,8 @@ def test_student_plans_resolve(name, layers):
     ("optimizer.implementation=apex", "optimizer.implementation: 'apex' is not one of"),
     ("recompute.granularity=selective", "recompute.granularity: 'selective' is not one of"),
     ("recompute.num_layers=0", "recompute.num_layers: must be >= 1"),
+    ("eval.suite=default", "eval.suite_every: must be a positive multiple of checkpoint.every=10"),
+    ("eval.suite=nosuch.yaml", "eval.suite: 'nosuch.yaml' is neither a built-in suite"),
 ])
 def test_validation_errors_name_file_and_key(override, message):
     path = CONFIGS / "demo.yaml"

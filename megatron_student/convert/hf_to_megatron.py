@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import shutil
-import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
@@ -39,9 +37,11 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import apply_factories
 from safetensors import safe_open
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.overrides import TorchFunctionMode
 
 from ..dtypes import CHECKPOINT_DTYPES, DTYPES
+from ..hf_io import replace_directory, require_finite, sweep_temp_siblings, temp_sibling
 from ..megatron import ParallelConfig, build_student, build_teacher, hf_to_megatron_state_dict, initialize_parallel
 from ..megatron import restore_fp32_parameters
 from ..megatron.mapping import megatron_key
@@ -50,7 +50,15 @@ from ..student.modeling import StudentForCausalLM
 from ..teacher import TeacherCheckpoint
 from ..teacher.checkpoint import stored_tensor_files
 from ..teacher.config import CONFIG_NAME
-from .common import FORMAT_VERSION, METADATA_KEY, RELEASE_NAME, TRACKER_NAME, ConversionError, single_process_group
+from .common import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    RELEASE_NAME,
+    TRACKER_NAME,
+    ConversionError,
+    read_json_object,
+    single_process_group,
+)
 from .streaming_save import StreamingSaveStrategy
 
 VOCAB_DIVISIBLE_BY = 128  # ParallelConfig.make_vocab_size_divisible_by
@@ -165,10 +173,10 @@ def _replace_parameters(module: torch.nn.Module, make: Callable[[torch.nn.Parame
 class StreamedShards:
     """The checkpoint shards of a meta-device ``model``, made from the HF checkpoint one unit at a time (see the
     module docstring). ``pop(key, global_offset)`` hands each shard out once; asking for a shard of another unit
-    builds that unit (the previous one is used up by then)."""
+    builds that unit (the previous one is used up by then). Every shard must be finite unless ``allow_nonfinite``."""
 
-    def __init__(self, model: torch.nn.Module, reader):
-        self.model, self.reader = model, reader
+    def __init__(self, model: torch.nn.Module, reader, allow_nonfinite: bool = False):
+        self.model, self.reader, self.allow_nonfinite = model, reader, allow_nonfinite
         self.placeholders = {name: torch.empty(reader.shape(name), device="meta") for name in reader.tensor_names()}
         self.hf_names: dict[str, set[str]] = defaultdict(set)  # unit -> the HF tensors it is made from
         for name in self.placeholders:
@@ -179,7 +187,9 @@ class StreamedShards:
         if (key, global_offset) not in self.shards:
             self.shards = {}  # the previous unit is written: drop it before building the next
             self.shards = self._build(unit_of(key))
-        return self.shards.pop((key, global_offset))
+        shard = self.shards.pop((key, global_offset))
+        require_finite(key, shard, self.allow_nonfinite)
+        return shard
 
     def _build(self, unit: str) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
         module = self.model.get_submodule(unit)
@@ -203,7 +213,7 @@ def open_hf_checkpoint(directory: str | Path, role: str):
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no config.json")
-    config_dict = json.loads(config_file.read_text())
+    config_dict = read_json_object(config_file)
     model_type = config_dict.get("model_type")
     if model_type != MODEL_TYPES[role]:
         raise ConversionError(f"{config_file}: field 'model_type' is {model_type!r}; --role {role} needs "
@@ -244,7 +254,7 @@ def check_layout(config, tp: int, ep: int) -> None:
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str, tp: int = 1, ep: int = 1,
-                           dtype: str = "bf16", force: bool = False) -> dict:
+                           dtype: str = "bf16", force: bool = False, allow_nonfinite: bool = False) -> dict:
     """Write the Megatron checkpoint; returns its metadata record plus ``bytes`` and ``seconds``."""
     if role not in MODEL_TYPES:
         raise ConversionError(f"--role {role!r}: choose one of {sorted(MODEL_TYPES)}")
@@ -265,7 +275,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
                    "make_vocab_size_divisible_by": VOCAB_DIVISIBLE_BY},
     }
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    sweep_temp_siblings(output_dir)
+    tmp = temp_sibling(output_dir)
     try:
         with single_process_group():
             parallel = ParallelConfig(params_dtype=DTYPES[dtype], make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY * tp)
@@ -277,18 +288,15 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
             sharded = model.sharded_state_dict()
             sharded[METADATA_KEY] = metadata
             (tmp / RELEASE_NAME).mkdir()
-            strategy = StreamingSaveStrategy(StreamedShards(model, reader).pop, unit_of)
-            dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME), sharded_strategy=strategy)
+            strategy = StreamingSaveStrategy(StreamedShards(model, reader, allow_nonfinite).pop, unit_of)
+            try:
+                dist_checkpointing.save(sharded, str(tmp / RELEASE_NAME), sharded_strategy=strategy)
+            except CheckpointException as e:  # DCP wraps what the data source raised; that error names the tensor
+                raise next(iter(e.failures.values()))[0] from None
             del model, sharded
         (tmp / TRACKER_NAME).write_text(RELEASE_NAME + "\n")
         tmp.chmod(0o755)  # mkdtemp creates it 0700
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            output_dir.rename(old / output_dir.name)
-            tmp.rename(output_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output_dir)
+        replace_directory(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,10 +312,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=CHECKPOINT_DTYPES, default="bf16",
                         help="parameter dtype (router and KDA A_log/dt_bias stay fp32)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="write tensors holding NaN/Inf (default: stop, naming the first such tensor)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = convert_hf_to_megatron(args.hf, args.output, args.role, args.tp, args.ep, args.dtype, args.force)
+    result = convert_hf_to_megatron(args.hf, args.output, args.role, args.tp, args.ep, args.dtype, args.force,
+                                    args.allow_nonfinite)
     mb = result["bytes"] / 2**20
     print(f"wrote {args.role} Megatron checkpoint {args.output} ({mb:.1f} MiB in {result['seconds']:.1f}s, "
           f"{mb / result['seconds']:.1f} MB/s); vocabulary padded for TP={args.tp}")

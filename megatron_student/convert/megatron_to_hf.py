@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
 from ..hf_io import StreamingCheckpointWriter
 from ..megatron.mapping import megatron_key
@@ -31,7 +30,16 @@ from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM, write_bundle_files
 from ..student.spec import layer_specs
 from ..student.surgery import FP32_PARAMETERS
-from .common import METADATA_KEY, ConversionError, resolve_megatron_dir
+from .common import (
+    METADATA_KEY,
+    CheckpointFileError,
+    ConversionError,
+    SafeFileSystemReader,
+    load_common_state,
+    read_json_object,
+    resolve_megatron_dir,
+    verify_torch_dist,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -43,12 +51,12 @@ class MegatronCheckpoint:
 
     def __init__(self, path: str | Path):
         self.directory = resolve_megatron_dir(path)
-        backend = json.loads((self.directory / "metadata.json").read_text()).get("sharded_backend")
+        backend = read_json_object(self.directory / "metadata.json").get("sharded_backend")
         if backend != "torch_dist":
             raise ConversionError(f"{self.directory}/metadata.json: sharded_backend is {backend!r}, expected 'torch_dist'")
-        self.tensors = {k: v for k, v in FileSystemReader(str(self.directory)).read_metadata().state_dict_metadata.items()
+        self.tensors = {k: v for k, v in verify_torch_dist(self.directory).state_dict_metadata.items()
                         if hasattr(v, "size") and "_extra_state" not in k}
-        common = torch.load(self.directory / "common.pt", map_location="cpu", weights_only=False)
+        common = load_common_state(self.directory)
         if METADATA_KEY not in common:
             raise ConversionError(f"{self.directory}/common.pt: no '{METADATA_KEY}' record (role, HF config, layout); "
                                   "save checkpoints with it (convert-hf-to-megatron writes it)")
@@ -60,7 +68,14 @@ class MegatronCheckpoint:
     def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Global tensors for ``keys`` in one DCP read (no process group)."""
         out = {k: torch.empty(self.tensors[k].size, dtype=self.tensors[k].properties.dtype) for k in keys}
-        dcp.load(out, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
+        try:
+            dcp.load(out, storage_reader=SafeFileSystemReader(str(self.directory)), no_dist=True)
+        except CheckpointFileError:
+            raise
+        except Exception as e:  # noqa: BLE001 - DCP wraps the reader's errors (EOFError, unpickling) in its own types
+            raise CheckpointFileError(f"{self.directory}: reading tensor '{keys[0]}'"
+                                      + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+                                      + f" failed, a .distcp file is damaged: {e}") from e
         return out
 
     def get(self, key: str) -> torch.Tensor:
@@ -101,7 +116,8 @@ def model_card(config: StudentConfig, metadata: dict, source: Path) -> str:
 
 
 def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, teacher_dir: str | Path | None = None,
-                           force: bool = False, max_shard_bytes: int = 5 * 1024**3) -> dict:
+                           force: bool = False, max_shard_bytes: int = 5 * 1024**3,
+                           allow_nonfinite: bool = False) -> dict:
     """Write the HF bundle; returns ``{"bytes": written tensor bytes, "seconds": ...}``."""
     start = time.perf_counter()
     ckpt = MegatronCheckpoint(megatron_dir)
@@ -125,7 +141,8 @@ def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, tea
     for name, (key, _) in sources.items():
         if key not in ckpt.tensors:
             raise ConversionError(f"{ckpt.directory}: missing Megatron tensor '{key}' (for HF '{name}')")
-    with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
+    with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force,
+                                   allow_nonfinite=allow_nonfinite) as writer:
         for group in groupby(sources.items(), key=lambda item: layer_of(item[0])):  # one layer per DCP read
             items = list(group[1])
             tensors = ckpt.get_many([key for _, (key, _) in items])
@@ -161,11 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-dir", help="gpt-oss HF dir whose tokenizer files are copied into the bundle")
     parser.add_argument("--max-shard-mb", type=float, default=5120, help="safetensors shard size")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="write tensors holding NaN/Inf (default: stop, naming the first such tensor)")
 
 
 def run(args: argparse.Namespace) -> int:
     result = convert_megatron_to_hf(args.megatron, args.output, args.teacher_dir, args.force,
-                                    int(args.max_shard_mb * 2**20))
+                                    int(args.max_shard_mb * 2**20), args.allow_nonfinite)
     mb = result["bytes"] / 2**20
     print(f"wrote HF student bundle {args.output} ({mb:.1f} MiB bf16 in {result['seconds']:.1f}s, "
           f"{mb / result['seconds']:.1f} MB/s)")

@@ -95,3 +95,22 @@ class StreamingSaveStrategy(SaveShardedStrategy):
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False), planner=StreamingSavePlanner(self.shard_data),
                  storage_writer=FilePerUnitWriter(checkpoint_dir, self.unit_of))
+
+
+class InProcessSaveStrategy(SaveShardedStrategy):
+    """Megatron's ``torch_dist`` v1 save (its planner, keys and metadata) written by torch's ``FileSystemWriter``
+    in this process. Megatron's default strategy writes through ``FileSystemWriterAsync``, whose first use starts a
+    ``multiprocessing`` Manager server (and a resource tracker) that outlive a process killed with SIGKILL."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: str | Path) -> None:
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
+                 storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1))

@@ -4,6 +4,11 @@ Streams every source line by line; only the packer's open bins and one int per c
 for the percentiles) stay in memory. Writes under OUTPUT: ``train/`` and ``valid/`` (see storage.py),
 ``stats.json``, ``rejects.jsonl`` (file, line, kind, reason of every rejected record), ``truncated.jsonl``
 (every truncated record), ``length_histogram.png`` and a copy of the manifest.
+
+Everything is written into a temporary sibling of OUTPUT, renamed onto it at the end (an existing OUTPUT only
+with ``--force``): a killed run leaves OUTPUT as it was. A failed run (too many rejects, no training sample)
+leaves its report (stats.json with ``failed``, rejects.jsonl, …) in OUTPUT but no ``train/``/``valid/``, so that
+nothing can train on it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,18 @@ from megatron_student.data.schema import RecordError, parse_record, record_key
 from megatron_student.data.split import SPLITS, split_of
 from megatron_student.data.storage import PackedShardWriter
 from megatron_student.data.weighting import load_weighter
+from megatron_student.hf_io import replace_directory, sweep_temp_siblings, temp_sibling
 
 
-class RejectFractionExceeded(RuntimeError):
+class PrepareFailed(RuntimeError):
+    """The run finished but its output must not be trained on; OUTPUT holds the report only."""
+
+
+class RejectFractionExceeded(PrepareFailed):
+    pass
+
+
+class NoTrainingSamples(PrepareFailed):
     pass
 
 
@@ -90,16 +104,42 @@ def _write_histogram(path: Path, stats: dict[str, _SplitStats], seq_len: int, ti
 
 
 def prepare(manifest: Manifest, output: Path, seq_len: int, *, overlong: str | None = None,
-            max_reject_fraction: float | None = None, shard_tokens: int = 1 << 28, progress: bool = True) -> dict:
-    """Prepare ``manifest`` into ``output``; returns the stats (also written to stats.json).
+            max_reject_fraction: float | None = None, shard_tokens: int = 1 << 28, progress: bool = True,
+            force: bool = False) -> dict:
+    """Prepare ``manifest`` into ``output`` (replacing an existing one only when ``force``); returns the stats
+    (also written to stats.json).
 
-    Raises RejectFractionExceeded (after writing everything) when rejects exceed the allowed fraction."""
+    Raises RejectFractionExceeded when rejects exceed the allowed fraction and NoTrainingSamples when no sample
+    reaches the train split, after writing the report (but no split) to ``output``."""
     overlong = overlong or manifest.overlong
     if overlong not in OVERLONG:
         raise ValueError(f"overlong {overlong!r} is not one of {OVERLONG}")
     max_reject_fraction = manifest.max_reject_fraction if max_reject_fraction is None else max_reject_fraction
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    final = Path(output)
+    if final.exists() and not force:
+        raise FileExistsError(f"{final}: already exists; pass --force to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temp_siblings(final)
+    work = temp_sibling(final)
+    try:
+        stats = _prepare(manifest, work, final, seq_len, overlong, max_reject_fraction, shard_tokens, progress)
+        if stats["failed"]:
+            for split in SPLITS:
+                shutil.rmtree(work / split)
+        work.chmod(0o755)  # mkdtemp creates it 0700
+        replace_directory(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if stats["failed"]:
+        failure = NoTrainingSamples if stats["failed"]["kind"] == "no_training_samples" else RejectFractionExceeded
+        raise failure(stats["failed"]["reason"])
+    return stats
+
+
+def _prepare(manifest: Manifest, output: Path, final: Path, seq_len: int, overlong: str, max_reject_fraction: float,
+             shard_tokens: int, progress: bool) -> dict:
+    """Everything ``prepare`` writes, into ``output`` (messages name ``final``, where it will be)."""
     started = time.perf_counter()
     renderer = Renderer(manifest.render, load_weighter(manifest.weighting))
     packers = {s: FirstFitPacker(seq_len, manifest.open_bins) for s in SPLITS}
@@ -156,6 +196,12 @@ def prepare(manifest: Manifest, output: Path, seq_len: int, *, overlong: str | N
                             reject(file, line_no, "too_long", f"{length} tokens > seq_len {seq_len} (overlong: drop)")
                             continue
                         rendered = rendered.truncated(seq_len)
+                    if not (rendered.flags & FLAG_LABEL).any():
+                        reject(file, line_no, "no_trained_tokens",
+                               "no token is trained" + (f" in its first {seq_len} tokens (overlong: truncate)"
+                                                         if length > seq_len else ""))
+                        continue
+                    if length > seq_len:
                         counts["truncated"] += 1
                         truncations.write(json.dumps({"file": str(file), "line": line_no, "tokens": length,
                                                       "kept": seq_len}) + "\n")
@@ -176,23 +222,29 @@ def prepare(manifest: Manifest, output: Path, seq_len: int, *, overlong: str | N
 
     elapsed = time.perf_counter() - started
     reject_fraction = counts["rejected"] / counts["read"] if counts["read"] else 0.0
+    failed = None
+    if reject_fraction > max_reject_fraction:
+        failed = {"kind": "reject_fraction", "reason": (
+            f"{counts['rejected']} of {counts['read']} records rejected ({reject_fraction:.2%}) > "
+            f"max_reject_fraction {max_reject_fraction:.2%}; see {final / 'rejects.jsonl'}")}
+    elif splits["train"]["samples"] == 0:
+        failed = {"kind": "no_training_samples", "reason": (
+            f"{manifest.path}: no training sample: {counts['read']} records read ({counts['blank_lines']} blank lines "
+            f"skipped), {counts['accepted']} accepted, {splits['valid']['samples']} samples in the valid split"
+            + (f"; see {final / 'rejects.jsonl'}" if counts["rejected"] else ""))}
     stats = {
         "name": manifest.name, "manifest": str(manifest.path), "license": manifest.license,
         "seq_len": seq_len, "overlong": overlong, "render": vars(manifest.render) | {"weighting": manifest.weighting},
         "split": {"valid_fraction": manifest.valid_fraction, "salt": manifest.split_salt},
         "records": counts | {"rejected_by_kind": rejected_by_kind},
         "reject_fraction": reject_fraction, "max_reject_fraction": max_reject_fraction,
-        "sources": per_source, "splits": splits,
+        "sources": per_source, "splits": splits, "failed": failed,
         "elapsed_s": elapsed,
         "tokens_per_s": sum(s.tokens for s in split_stats.values()) / elapsed if elapsed else None,
     }
     (output / "stats.json").write_text(json.dumps(stats, indent=1))
     shutil.copyfile(manifest.path, output / "manifest.yaml")
     _write_histogram(output / "length_histogram.png", split_stats, seq_len, manifest.name)
-    if reject_fraction > max_reject_fraction:
-        raise RejectFractionExceeded(
-            f"{counts['rejected']} of {counts['read']} records rejected ({reject_fraction:.2%}) > "
-            f"max_reject_fraction {max_reject_fraction:.2%}; see {output / 'rejects.jsonl'}")
     return stats
 
 
@@ -206,6 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail when more records are rejected (default: the manifest's, else 0.01)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard (default 2^28)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,11 +266,11 @@ def run(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.manifest)
         stats = prepare(manifest, args.output, args.seq_len, overlong=args.overlong,
                         max_reject_fraction=args.max_reject_fraction, shard_tokens=args.shard_tokens,
-                        progress=not args.no_progress)
-    except (ManifestError, ValueError) as e:
+                        progress=not args.no_progress, force=args.force)
+    except (ManifestError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RejectFractionExceeded as e:
+    except PrepareFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     records = stats["records"]

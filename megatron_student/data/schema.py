@@ -170,8 +170,10 @@ def _tools(raw, where: str) -> list[ToolDescription]:
         if "." in name or re.search(r"\s", name):
             raise RecordError(f"{twhere}.name {name!r} must be a bare identifier (it lives in 'functions')")
         params = tool.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise RecordError(f"{twhere}.parameters must be a JSON-schema object")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise RecordError(f"{twhere}.parameters must be a JSON-schema object")
+            _text(json.dumps(params, ensure_ascii=False), f"{twhere}.parameters")  # rendered into the prompt too
         tools.append(ToolDescription.new(name, _text(tool.get("description", ""), f"{twhere}.description"), params))
     return tools
 
@@ -254,6 +256,11 @@ def parse_record(record) -> ParsedConversation:
         raise RecordError("conversation must end with an assistant message (the turn to train)")
     if turn_start == len(body) or all(m.role != "assistant" for m in body[turn_start:]):
         raise RecordError("conversation has no assistant message after the last user message")
+    last = body[-1]
+    if last.channel != "final" and last.message.recipient is None:
+        # Rendered, it would end in <|end|> without a final answer: check-format's missing_final/wrong_stop_token.
+        raise RecordError(f"the trained turn ends with an assistant {last.channel} message; it must end with a "
+                          "final message (content) or a tool call")
 
     head = [_system_message(record)]
     if instructions or tools:

@@ -136,7 +136,11 @@ class HarmonyPackedDataset(torch.utils.data.Dataset):
         self.directory = Path(root) / split
         index_path = self.directory / INDEX_FILE
         if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path}: no prepared split here (run megatron-student prepare-data)")
+            stats = Path(root) / "stats.json"
+            failed = json.loads(stats.read_text()).get("failed") if stats.is_file() else None
+            raise FileNotFoundError(f"{index_path}: no prepared split here ("
+                                    + (f"prepare-data failed: {failed['reason']})" if failed
+                                       else "run megatron-student prepare-data)"))
         self.index = json.loads(index_path.read_text())
         if self.index.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{index_path}: format_version {self.index.get('format_version')}, "

@@ -5,6 +5,11 @@ analysis message; characters outside every span keep weight 1.0. The renderer ma
 byte offsets (a token takes the weight of the span holding its first byte), so weighters never see or
 change tokenisation.
 
+A manifest picks one by name (``heuristic``, ``uniform``) or as ``package.module:factory``. The latter imports that
+module (installed code runs at import) and calls the factory, so only factories that say they are one are
+accepted: decorated with :func:`weighter_factory`. Anything else (``subprocess:run``, ``os:system``) is refused
+before it is called, and what the factory returns is checked on a probe text before prepare-data uses it.
+
 Default (``heuristic``): the text is cut into chunks (lines; long lines into sentences). Math-like chunks
 (arithmetic between numbers, equations, LaTeX) and code-like chunks (fenced blocks, statements, calls)
 get ``math_weight``/``code_weight`` (1.5); a boilerplate opener ("Okay, so the user wants…", "We need
@@ -106,9 +111,37 @@ def uniform_weighter(text: str) -> list[Span]:
     return []
 
 
+def weighter_factory(factory: Callable[..., Weighter]) -> Callable[..., Weighter]:
+    """Mark ``factory`` as one a manifest may name (``render.weighting: package.module:factory``)."""
+    factory.is_weighter_factory = True
+    return factory
+
+
+_PROBE = "Okay, so 2 + 2 = 4.\n```\nprint(2 + 2)\n```\nThat's it."
+
+
+def _checked(weighter, name: str) -> Weighter:
+    """``weighter`` after a probe call: a callable returning (start, end, weight) spans inside the text."""
+    if not callable(weighter):
+        raise ValueError(f"weighting {name!r}: the factory returned a {type(weighter).__name__}, not a callable "
+                         "weighter(text) -> [(start, end, weight), ...]")
+    spans = weighter(_PROBE)
+    if not isinstance(spans, (list, tuple)):
+        raise ValueError(f"weighting {name!r}: the weighter returned a {type(spans).__name__}, not a list of "
+                         "(start, end, weight) spans")
+    for span in spans:
+        if not (isinstance(span, (list, tuple)) and len(span) == 3 and isinstance(span[0], int)
+                and isinstance(span[1], int) and isinstance(span[2], (int, float))
+                and 0 <= span[0] <= span[1] <= len(_PROBE) and np.isfinite(span[2]) and span[2] >= 0):
+            raise ValueError(f"weighting {name!r}: the weighter returned {span!r} for a {len(_PROBE)}-character text; "
+                             "spans are (start, end, weight) with 0 <= start <= end <= len(text), weight finite >= 0")
+    return weighter
+
+
 def load_weighter(spec) -> Weighter:
     """``"heuristic"``, ``"uniform"``, ``{"name": "heuristic", <kwargs>}`` or ``"package.module:factory"``
-    (a zero-argument factory, or kwargs given as ``{"name": "pkg.mod:factory", ...}``)."""
+    (a factory decorated with :func:`weighter_factory`, called without arguments or with the kwargs given as
+    ``{"name": "pkg.mod:factory", ...}``)."""
     if isinstance(spec, str):
         name, kwargs = spec, {}
     elif isinstance(spec, dict) and isinstance(spec.get("name"), str):
@@ -124,7 +157,15 @@ def load_weighter(spec) -> Weighter:
     if ":" not in name:
         raise ValueError(f"unknown weighting {name!r}: use heuristic, uniform or package.module:factory")
     module, attr = name.split(":", 1)
-    return getattr(importlib.import_module(module), attr)(**kwargs)
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"weighting {name!r}: cannot import it ({e})") from None
+    if getattr(factory, "is_weighter_factory", False) is not True:
+        raise ValueError(f"weighting {name!r} is not a weighter factory (decorate it with "
+                         "megatron_student.data.weighting.weighter_factory); refused, a manifest may not call "
+                         "arbitrary code")
+    return _checked(factory(**kwargs), name)
 
 
 @functools.lru_cache(maxsize=1)

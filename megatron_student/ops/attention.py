@@ -128,6 +128,11 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def flex_attention_used() -> bool:
+    """Whether this process has run the FlexAttention path (its compiled kernel was built), for reports."""
+    return _compiled_flex_attention.cache_info().currsize > 0
+
+
 @functools.lru_cache(maxsize=64)
 def _block_mask(q_len: int, kv_len: int, window: int | None, boundaries: tuple[int, ...] | None, device: str):
     from torch.nn.attention.flex_attention import create_block_mask

@@ -218,6 +218,7 @@ def init_student(
     seed: int = 0,
     force: bool = False,
     max_shard_bytes: int = 5 * 1024**3,
+    allow_nonfinite: bool = False,
 ) -> tuple[Path, list[TensorRecord]]:
     """Write an HF student checkpoint (safetensors shards, config with the plan, code shims, generation
     config, surgery report) initialised from a gpt-oss teacher directory."""
@@ -228,7 +229,8 @@ def init_student(
     if dtype:
         config.dtype = dtype_name(DTYPES[dtype])
     surgery = Surgery(teacher, config, DTYPES[dtype] if dtype else None, seed)
-    with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
+    with StreamingCheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes, force=force,
+                                   allow_nonfinite=allow_nonfinite) as writer:
         for name, tensor in surgery.tensors():
             writer.add(name, tensor)
         write_bundle_files(writer.directory, config)
@@ -247,11 +249,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-mb", type=int, default=5120)
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="do not print the tensor table")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="write tensors holding NaN/Inf (default: stop, naming the first such tensor)")
 
 
 def run(args: argparse.Namespace) -> int:
     out, records = init_student(args.teacher, args.output, args.plan, args.dtype, args.seed, args.force,
-                                args.max_shard_mb * 1024**2)
+                                args.max_shard_mb * 1024**2, args.allow_nonfinite)
     report = format_report(records)
     print(report if not args.quiet else report.splitlines()[-1])
     print(f"student written to {out} (report: {out / 'surgery_report.txt'})")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.initialization import no_init_weights
 
 from ..hf_io import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, StreamingCheckpointWriter
@@ -32,19 +32,33 @@ class TeacherCheckpointError(ValueError):
     """A checkpoint whose tensors or files do not match what a gpt-oss model needs."""
 
 
+def safetensors_names(path: Path) -> set[str]:
+    """The tensor names of a safetensors file, opening it (which checks that its header is complete and its data
+    covers every tensor); a damaged or truncated file is named."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return set(f.keys())
+    except SafetensorError as e:
+        raise TeacherCheckpointError(f"{path}: not a readable safetensors file ({e}; {path.stat().st_size} bytes): it is "
+                                     "truncated or damaged, copy or download it again") from None
+
+
 def stored_tensor_files(directory: Path) -> dict[str, Path]:
-    """Stored tensor name -> safetensors file, checking that the index and its shards agree."""
+    """Stored tensor name -> safetensors file, checking that the index and its shards agree and that every file
+    is complete."""
     single, index = directory / SAFETENSORS_NAME, directory / SAFETENSORS_INDEX_NAME
     if single.is_file() and index.is_file():
         raise TeacherCheckpointError(
             f"{directory}: holds both {SAFETENSORS_NAME} and {SAFETENSORS_INDEX_NAME}; remove the stale one"
         )
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        return dict.fromkeys(safetensors_names(single), single)
     if not index.is_file():
         raise FileNotFoundError(f"{directory}: no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}")
-    weight_map = json.loads(index.read_text()).get("weight_map")
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except json.JSONDecodeError as e:
+        raise TeacherCheckpointError(f"{index}: invalid JSON ({e}); the index is truncated or damaged") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise TeacherCheckpointError(f"{index}: has no 'weight_map'")
     files: dict[str, Path] = {}
@@ -52,8 +66,7 @@ def stored_tensor_files(directory: Path) -> dict[str, Path]:
         shard = directory / shard_name
         if not shard.is_file():
             raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
-        with safe_open(shard, framework="pt") as f:
-            present = set(f.keys())
+        present = safetensors_names(shard)
         for name in (n for n, s in weight_map.items() if s == shard_name):
             if name not in present:
                 raise TeacherCheckpointError(f"{index}: maps tensor '{name}' to {shard_name}, which does not hold it")

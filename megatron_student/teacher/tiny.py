@@ -210,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(CHECKPOINT_DTYPES), default=d["dtype"], help="storage dtype (experts too unless --mxfp4)")
     parser.add_argument("--mxfp4", action="store_true", help="store the experts MXFP4-packed like the released gpt-oss")
     parser.add_argument("--max-shard-mb", type=float, default=d["max_shard_mb"], help="shard the safetensors above this size")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                        help="replace an existing output directory")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,9 @@
 
 Single process: run it directly. Several processes: start it under torchrun or one Slurm task per GPU (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK in the environment); see launch/.
+
+Exit status: 0 done, 2 bad config, 3 stopped by the NaN guard, 75 stopped on a signal or the time budget with a
+checkpoint (``exit`` section; resumable: the same command continues from it).
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    from .graceful_stop import RESUMABLE_EXIT_CODE, GracefulStop, TrainingInterrupted
     from .trainer import TrainingStopped, train
 
     try:
-        train(config)
+        with GracefulStop(config.exit.signals, config.exit.duration_minutes) as stop:
+            train(config, stop)
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted:
+        return RESUMABLE_EXIT_CODE  # the trainer logged why and where the checkpoint is
     return 0

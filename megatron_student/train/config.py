@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..ops.losses import ALIGNMENT_KINDS, LOGIT_LOSS_KINDS, LogitLoss
+from .graceful_stop import signal_number
 
 
 class ConfigError(ValueError):
@@ -210,10 +211,17 @@ class LoggingSection:
 @dataclass
 class EvalSection:
     """Held-out (valid split) forward KL(T=1) and CE every ``every`` steps over ``batches`` micro-batches
-    (0 disables)."""
+    (0 disables). ``suite``: an evaluation suite (``default``, ``demo`` or a suite YAML; see ``megatron-student
+    evaluate``) run by rank 0 on the checkpoint written every ``suite_every`` steps (a multiple of
+    ``checkpoint.every``) and at the last step, against ``suite_teacher`` (an HF gpt-oss dir; default
+    ``teacher.path`` when that is an HF dir); reports go to ``<logging.dir>/suite/step_N``, scores to the metrics
+    and failed gates are logged as warnings."""
 
     every: int = 0
     batches: int = 4
+    suite: str | None = None
+    suite_every: int = 0
+    suite_teacher: str | None = None
 
 
 @dataclass
@@ -222,6 +230,17 @@ class NanGuardSection:
     row stop the run after a checkpoint."""
 
     max_consecutive: int = 3
+
+
+@dataclass
+class ExitSection:
+    """Graceful stop (train/graceful_stop.py): on any of ``signals`` (Slurm's SIGTERM on preemption or scancel; the
+    early warning of ``sbatch --signal=USR1@120`` before the time limit), or once ``duration_minutes`` of wall time
+    have passed since the run started (0: no budget), every rank finishes the current step, a checkpoint is written
+    and ``megatron-student train`` exits with status 75 (resumable: the launcher requeues the job)."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    duration_minutes: float = 0.0
 
 
 @dataclass
@@ -241,6 +260,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     nan_guard: NanGuardSection = field(default_factory=NanGuardSection)
+    exit: ExitSection = field(default_factory=ExitSection)
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def resolved(self) -> dict:
@@ -424,7 +444,23 @@ def validate(config: TrainConfig) -> TrainConfig:
            "must be > 0 or null")
     _check(config.eval.every >= 0, src, "eval.every", f"must be >= 0, got {config.eval.every}")
     _check(config.eval.batches >= 1, src, "eval.batches", f"must be >= 1, got {config.eval.batches}")
+    if config.eval.suite:
+        from ..evaluate.suite import BUILTIN
+
+        _check(config.eval.suite in BUILTIN or Path(config.eval.suite).is_file(), src, "eval.suite",
+               f"{config.eval.suite!r} is neither a built-in suite ({', '.join(BUILTIN)}) nor a suite file")
+        _check(config.checkpoint.every >= 1 and config.eval.suite_every >= 1
+               and config.eval.suite_every % config.checkpoint.every == 0, src, "eval.suite_every",
+               f"must be a positive multiple of checkpoint.every={config.checkpoint.every} (the suite evaluates the "
+               f"checkpoint written at that step), got {config.eval.suite_every}")
     _check(config.nan_guard.max_consecutive >= 0, src, "nan_guard.max_consecutive", "must be >= 0")
+    for i, name in enumerate(config.exit.signals):
+        try:
+            signal_number(name)
+        except ValueError as e:
+            raise ConfigError(f"{src}: exit.signals[{i}]: {e}") from e
+    _check(config.exit.duration_minutes >= 0, src, "exit.duration_minutes",
+           f"must be >= 0 (0: no time budget), got {config.exit.duration_minutes}")
     return config
 
 

@@ -19,6 +19,15 @@ import torch
 import torch.distributed as dist
 
 
+def expert_balance(counts: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """(load fraction per expert, entropy of it normalised by log(E) (1 = uniform), largest fraction) of one
+    layer's routing counts (not all zero)."""
+    fraction = counts / counts.sum()
+    nonzero = fraction[fraction > 0]
+    entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(len(fraction)) if len(fraction) > 1 else 1.0
+    return fraction, entropy, float(fraction.max())
+
+
 class RouterStats:
     """Forward hooks on every router of ``model`` (modules with a ``routing`` method and ``num_moe_experts``);
     counts accumulate while ``enabled``."""
@@ -58,11 +67,9 @@ class RouterStats:
             total = float(counts.sum())
             if total == 0:
                 continue
-            fraction = counts / total
-            nonzero = fraction[fraction > 0]
-            entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(len(fraction)) if len(fraction) > 1 else 1.0
+            fraction, entropy, max_share = expert_balance(counts)
             scalars[f"router/{name}/entropy"] = entropy
-            scalars[f"router/{name}/max_share"] = float(fraction.max())
+            scalars[f"router/{name}/max_share"] = max_share
             for e, f in enumerate(fraction.tolist()):
                 scalars[f"router/{name}/expert_{e}"] = f
             if entropy < self.min_entropy:
@@ -77,21 +84,31 @@ class RouterStats:
 
 class MetricsSink:
     """Rank 0 writes ``metrics.jsonl``, TensorBoard events (``tensorboard``) and W&B (``wandb``, when the package
-    is installed) under ``log_dir``; other ranks write nothing."""
+    is installed) under ``log_dir``; other ranks write nothing. ``resume_step``: the run resumes after that many
+    steps, so the records logged past it by the interrupted run are dropped (metrics.jsonl rewritten without them,
+    TensorBoard told to purge them), and the resumed run's records replace them."""
 
     def __init__(self, log_dir: str | Path, *, enabled: bool, tensorboard: bool, wandb: bool, wandb_project: str,
-                 run_name: str, config: dict):
+                 run_name: str, config: dict, resume_step: int | None = None):
         self.enabled = enabled
         self.tb = self.wandb = self.jsonl = None
         if not enabled:
             return
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(log_dir / "metrics.jsonl", "a")
+        jsonl = log_dir / "metrics.jsonl"
+        if resume_step is not None and jsonl.is_file():
+            kept = [line for line in jsonl.read_text().splitlines(keepends=True)
+                    if line.strip() and _logged_step(line) <= resume_step]
+            tmp = jsonl.with_name(jsonl.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(jsonl)
+        self.jsonl = open(jsonl, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(log_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # events at later steps are dropped on load
+            self.tb = SummaryWriter(str(log_dir / "tensorboard"), purge_step=purge)
         if wandb:
             try:
                 import wandb as wandb_module
@@ -123,6 +140,14 @@ class MetricsSink:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _logged_step(line: str) -> int:
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after any step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize
 
 
 def read_metrics(path: Path) -> list[dict]:

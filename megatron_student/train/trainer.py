@@ -21,8 +21,11 @@ Checkpoints (``checkpoint.dir``, Megatron-LM layout ``iter_NNNNNNN/`` + ``latest
 the model as torch_dist (reshardable; carries the converters' metadata record, so ``convert-megatron-to-hf``
 exports it and a next stage starts from it with ``student.megatron``), ``trainer/rank_NNNNN.pt`` per rank
 (step, sampler position, RNG states, guard counters, optimizer state; resume needs the same world size, TP, EP
-and optimizer implementation) and ``config.yaml`` (the resolved config). Written to ``.tmp-iter_…`` and renamed;
-the tracker is replaced atomically.
+and optimizer implementation; plain values and tensors only, loaded with ``weights_only=True``) and
+``config.yaml`` (the resolved config). Written in this process (no writer processes to outlive a killed run) to
+``.tmp-iter_…`` and renamed; the tracker is replaced atomically. Every file of a checkpoint is checked before
+anything in it is unpickled (``convert.common.verify_torch_dist``). On resume, metrics.jsonl and TensorBoard drop
+what was logged after the checkpoint.
 """
 
 from __future__ import annotations
@@ -45,8 +48,18 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from ..convert.common import FORMAT_VERSION, METADATA_KEY, TRACKER_NAME, resolve_megatron_dir, single_process_group
+from ..convert.common import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    TRACKER_NAME,
+    load_common_state,
+    resolve_megatron_dir,
+    safe_torch_load,
+    single_process_group,
+    verify_torch_dist,
+)
 from ..convert.hf_to_megatron import LazyState, open_hf_checkpoint
+from ..convert.streaming_save import InProcessSaveStrategy
 from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
 from ..kernels import first_step_notice
 from ..megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
@@ -64,6 +77,7 @@ from ..ops.losses import (
 )
 from ..student.config import StudentConfig
 from .config import ConfigError, TrainConfig, dump_config
+from .graceful_stop import GracefulStop
 from .metrics import MetricsSink, RouterStats
 from .optim import MegatronAdam, TorchAdamW, apply_freeze, is_expert_parameter, learning_rate, optimizer_implementation
 
@@ -114,7 +128,8 @@ def load_model(path: str | Path, role: str, parallel: ParallelConfig):
     build = build_student if role == "student" else build_teacher
     if _is_megatron_checkpoint(path):
         directory = resolve_megatron_dir(path)
-        meta = dist_checkpointing.load_common_state_dict(str(directory)).get(METADATA_KEY)
+        verify_torch_dist(directory)  # before Megatron unpickles anything in it
+        meta = load_common_state(directory).get(METADATA_KEY)
         if meta is None:
             raise ValueError(f"{directory}/common.pt: no '{METADATA_KEY}' record; convert the checkpoint with "
                              "megatron-student convert-hf-to-megatron")
@@ -324,6 +339,13 @@ class Trainer:
             raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}·micro_batch must be divisible by "
                               f"tp={self.tp_size} (sequence parallelism)")
 
+        self.train_data = HarmonyPackedDataset(d.path, "train")  # checked before the models are built
+        if self.train_data.seq_len != d.seq_len:
+            raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
+                              f"{self.train_data.seq_len}")
+        self.stream = BatchStream(self.train_data, ResumableSampler(len(self.train_data), d.seed, d.shuffle,
+                                                                    self.dp_rank, self.dp_size), d.micro_batch)
+
         self.resume_dir = self._resume_directory()
         if self.resume_dir is not None:
             self._check_resume_layout(self.resume_dir)
@@ -358,12 +380,6 @@ class Trainer:
         self.router_stats = RouterStats(self.student, cfg.logging.router_min_entropy)
         self.flops_per_token = 6 * active_parameters(self.student) + 2 * active_parameters(self.teacher)
 
-        self.train_data = HarmonyPackedDataset(d.path, "train")
-        if self.train_data.seq_len != d.seq_len:
-            raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
-                              f"{self.train_data.seq_len}")
-        self.stream = BatchStream(self.train_data, ResumableSampler(len(self.train_data), d.seed, d.shuffle,
-                                                                    self.dp_rank, self.dp_size), d.micro_batch)
         self.step = 0
         self.tokens_seen = 0
         self.consecutive_bad = 0
@@ -372,7 +388,8 @@ class Trainer:
             self._load_trainer_state(self.resume_dir)
         self.sink = MetricsSink(cfg.logging.dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                 wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                                run_name=cfg.stage, config=cfg.resolved())
+                                run_name=cfg.stage, config=cfg.resolved(),
+                                resume_step=self.step if self.resume_dir is not None else None)
 
     # ---- setup helpers
 
@@ -566,7 +583,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.stream.state_dict(),
             "layout": self._layout(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": random.getstate(), "numpy": _numpy_rng_plain(np.random.get_state()),
+                    "torch": torch.get_rng_state()},
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state()
@@ -593,7 +611,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trainer state for rank {self.rank} (was the checkpoint written with "
                                     "a different world size?)")
-        state = torch.load(path, weights_only=False)
+        state = safe_torch_load(path)
         layout = self._layout()
         if state["layout"] != layout:
             raise ValueError(f"{path}: written with {state['layout']}, resuming with {layout}; resume needs the same "
@@ -603,7 +621,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["sampler"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, position, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -628,7 +647,7 @@ class Trainer:
         }
         sharded = self.student.sharded_state_dict()
         sharded[METADATA_KEY] = metadata
-        dist_checkpointing.save(sharded, str(tmp))
+        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=InProcessSaveStrategy())
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(self._trainer_state(), tmp / "trainer" / f"rank_{self.rank:05d}.pt")
         dist.barrier()
@@ -646,7 +665,9 @@ class Trainer:
 
     # ---- the loop
 
-    def fit(self) -> list[StepRecord]:
+    def fit(self, stop: GracefulStop | None = None) -> list[StepRecord]:
+        """Train to ``steps``; with ``stop``, a requested stop (checked after every step) writes a checkpoint and
+        raises graceful_stop.TrainingInterrupted."""
         cfg = self.config
         history: list[StepRecord] = []
         if self.step >= cfg.steps:
@@ -674,11 +695,27 @@ class Trainer:
                     if scalars:
                         self.sink.console(f"[{cfg.stage}] eval step {self.step}: " + ", ".join(
                             f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items()))
+                if stop is not None and self.step < cfg.steps and (reason := stop.requested(self.device)):
+                    raise stop.interrupt(reason, self)
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.steps:
                     self.save_checkpoint()
+                if cfg.eval.suite and (self.step % cfg.eval.suite_every == 0 or self.step == cfg.steps):
+                    self._run_suite()
         finally:
             self.sink.close()
         return history
+
+    def _run_suite(self) -> None:
+        """The evaluation suite on the checkpoint just written (rank 0; the other ranks wait at the barrier)."""
+        if self.rank == 0:
+            from ..evaluate.runner import training_suite
+
+            scalars, failed = training_suite(self.config, self.step, self.device)
+            self.sink.log(self.step, scalars)
+            for gate in failed:
+                self.sink.console(f"[{self.config.stage}] WARNING eval suite gate failed at step {self.step}: "
+                                  f"{gate['metric']}: {gate['reason']}")
+        dist.barrier()
 
     def _log(self, record: StepRecord) -> None:
         cfg = self.config
@@ -698,9 +735,15 @@ class Trainer:
                               f"{cfg.logging.router_min_entropy} in {', '.join(collapsing)}")
 
 
-def train(config: TrainConfig) -> list[StepRecord]:
+def _numpy_rng_plain(state: tuple) -> tuple:
+    """numpy's MT19937 state with its key array as a tensor: loadable with ``weights_only=True``."""
+    name, keys, position, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
+
+
+def train(config: TrainConfig, stop: GracefulStop | None = None) -> list[StepRecord]:
     """Run one stage (initialising torch.distributed from the environment when needed); returns this process's
-    step records."""
+    step records. ``stop``: see :meth:`Trainer.fit`."""
     with distributed_context():
         trainer = Trainer(config)
-        return trainer.fit()
+        return trainer.fit(stop)
