@@ -3,12 +3,11 @@ the reference answers and reject wrong ones, suite files and gates. (Evaluate on
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_student.data.render import RETURN
+from megatron_student.harmony_vocab import RETURN
 from megatron_student.evaluate.agreement import AgreementTotals, Document, RouterCounts
 from megatron_student.evaluate.generation import (
     completion_record,

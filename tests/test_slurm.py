@@ -30,7 +30,8 @@ import torch
 import yaml
 
 from megatron_student.convert.megatron_to_hf import convert_megatron_to_hf
-from megatron_student.demo import DEMO_PROMPTS, STAGE_A, STAGE_B
+from megatron_student.demo import STAGE_A, STAGE_B
+from megatron_student.evaluate.suite import load_suite
 from megatron_student.train.graceful_stop import RESUMABLE_EXIT_CODE
 from megatron_student.train.metrics import read_metrics
 
@@ -172,7 +173,7 @@ def test_chain_stage_a_then_b_then_export_loads_and_generates(chain):
     assert resolved["student"] == {"hf": None, "megatron": str(run / "stage_a" / "checkpoints"), "dtype": "auto"}
     model = AutoModelForCausalLM.from_pretrained(run / "student_hf", trust_remote_code=True,
                                                  dtype=torch.float32).eval()
-    reply = generate_reply(model, harmony_prompt(DEMO_PROMPTS[0]), max_new_tokens=8)
+    reply = generate_reply(model, harmony_prompt(load_suite("demo").prompts[0]["prompt"]), max_new_tokens=8)
     assert len(reply.tokens) >= 1
 
 

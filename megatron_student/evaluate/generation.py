@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..data.check_format import CHANNEL, check_tokens, summarize
-from ..data.render import CALL, END, ENDOFTEXT, MESSAGE, RETURN, START
+from ..harmony_vocab import CALL, END, ENDOFTEXT, MESSAGE, RETURN, START
 from ..harmony_vocab import harmony_encoding
 
 STOPS = (END, RETURN, CALL)
