@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     stored_tensor_files(model_dir)  # names a missing, truncated or damaged safetensors file before loading
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    from .modeling import register_auto_classes
+
+    register_auto_classes()  # our student loads as a registered class, not as the directory's code
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code,
                                                  dtype=dtype).to(device).eval()
     prompt = harmony_prompt(args.prompt, args.system, args.developer, args.reasoning_effort)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..harmony_vocab import HARMONY_STOP_TOKEN_IDS
@@ -300,35 +301,37 @@ class StudentPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Random initialisation for a student built from config alone (tests, ablations). A student made
         from a teacher is fully overwritten by weight surgery (student/surgery.py), which documents its own
-        choices for the KDA-only parameters."""
+        choices for the KDA-only parameters. Through ``transformers.initialization``, which leaves tensors that
+        ``from_pretrained`` already loaded alone: some transformers releases (5.6) initialise after loading."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
         elif isinstance(module, (SoftmaxAttention, SwaTpaAttention)):
-            module.sinks.normal_(0.0, std)
+            init.normal_(module.sinks, 0.0, std)
             for name in ("q_a0", "k_a0", "v_a0"):
                 if hasattr(module, name):
-                    getattr(module, name).normal_(0.0, 1.0)
+                    init.normal_(getattr(module, name), 0.0, 1.0)
             if isinstance(module, SwaTpaAttention) and module.spec.grape:
-                module.rope_freq.copy_(module.spec.rope.inv_freq())
+                init.copy_(module.rope_freq, module.spec.rope.inv_freq())
                 if module.plane_skew is not None:
-                    module.plane_skew.zero_()
+                    init.zeros_(module.plane_skew)
         elif isinstance(module, KdaAttention):
-            init_kda_extras(module, torch.Generator().manual_seed(0))
+            if not getattr(module.A_log, "_is_hf_initialized", False):  # loaded: the checkpoint's values stay
+                init_kda_extras(module, torch.Generator().manual_seed(0))
         elif isinstance(module, Router):
-            module.weight.normal_(0.0, std)
-            module.bias.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
+            init.normal_(module.bias, 0.0, std)
         elif isinstance(module, Experts):
-            module.gate_up_proj.normal_(0.0, std)
-            module.gate_up_proj_bias.zero_()
-            module.down_proj.normal_(0.0, std)
-            module.down_proj_bias.zero_()
+            init.normal_(module.gate_up_proj, 0.0, std)
+            init.zeros_(module.gate_up_proj_bias)
+            init.normal_(module.down_proj, 0.0, std)
+            init.zeros_(module.down_proj_bias)
 
 
 def conv_identity_(weight: torch.Tensor) -> None:
