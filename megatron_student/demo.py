@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import replace
 from importlib import resources
@@ -91,11 +90,12 @@ def train_tiny_teacher(teacher_dir: Path, data_dir: Path, steps: int, lr: float,
 
 def fast_paths(optimizer_implementation: str) -> dict[str, str]:
     """Which implementations this process actually ran (not which ones it could have)."""
+    from .kernels import fla_kernels_used
     from .ops.attention import flex_attention_used
 
     return {
         "attention": "FlexAttention (compiled)" if flex_attention_used() else "torch reference (ops.attention)",
-        "kda": "fla chunk_kda kernels" if "fla.ops.kda" in sys.modules else "torch reference (ops.kda)",
+        "kda": "fla chunk_kda kernels" if fla_kernels_used() else "torch reference (ops.kda)",
         "optimizer": {"megatron": "Megatron-Core optimizer", "torch": "torch AdamW"}[optimizer_implementation],
     }
 

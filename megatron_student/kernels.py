@@ -101,6 +101,12 @@ def use_fixed_configs() -> tuple[int, int]:
     return fixed, len(tuners) - fixed
 
 
+def fla_kernels_used() -> bool:
+    """Whether this process has run one of fla's GPU kernels (every such call goes through
+    ``use_fixed_configs`` first), for reports."""
+    return use_fixed_configs.cache_info().currsize > 0
+
+
 def record_autotune_choices() -> dict[str, dict]:
     """The configuration fla's autotuners chose for each kernel run so far (the most frequent choice when a
     kernel was tuned for several shapes): the body of one device's entry in ``kernel_configs.json``."""
