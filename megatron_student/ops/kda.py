@@ -486,6 +486,10 @@ def kda(
         q, k, v, g, beta, initial_state, cu_seqlens, scale, "kda"
     )
     if not q.is_cuda:
+        if q.shape[1] == 1 and cu_seqlens is None:  # decoding: one recurrent step, not a padded 64-token chunk
+            o, state = kda_recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], initial_state, scale=scale,
+                                          use_qk_l2norm=use_qk_l2norm)
+            return o[:, None], state if output_final_state else None
         return kda_reference(
             q,
             k,
