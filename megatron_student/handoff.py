@@ -24,7 +24,6 @@ the check on a received bundle and exits 0 only when everything matches.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -36,6 +35,7 @@ import yaml
 
 from .convert.common import TRACKER_NAME, resolve_megatron_dir
 from .convert.megatron_to_hf import TOKENIZER_FILES
+from .files import sha256_file
 
 CANARY_PROMPT = "What is 2 + 3?"
 CANARY_MAX_NEW_TOKENS = 64
@@ -59,14 +59,6 @@ class Check:
     detail: str
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -84,9 +76,9 @@ def model_reference(directory: Path) -> dict:
     tokenizer_config = _json(directory / "tokenizer_config.json")
     template = directory / "chat_template.jinja"
     return {
-        "tokenizer_files": {f: sha256(directory / f) for f in TOKENIZER_FILES if (directory / f).is_file()},
+        "tokenizer_files": {f: sha256_file(directory / f) for f in TOKENIZER_FILES if (directory / f).is_file()},
         "special_tokens": {k: config.get(k) for k in SPECIAL_TOKEN_KEYS},
-        "chat_template": sha256(template) if template.is_file() else tokenizer_config.get("chat_template"),
+        "chat_template": sha256_file(template) if template.is_file() else tokenizer_config.get("chat_template"),
         "context": {**{k: config.get(k) for k in CONTEXT_KEYS}, "rope": _rope(config)},
     }
 
@@ -166,7 +158,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def write_manifest(root: Path) -> dict:
-    manifest = {"files": {str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+    manifest = {"files": {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                           for p in _files(root)}}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
@@ -181,7 +173,7 @@ def manifest_checks(root: Path) -> list[Check]:
     problems = [f"{name}: missing" for name in sorted(set(recorded) - set(present))]
     problems += [f"{name}: not in the manifest" for name in sorted(set(present) - set(recorded))]
     problems += [f"{name}: SHA-256 differs from the manifest" for name in sorted(set(recorded) & set(present))
-                 if sha256(present[name]) != recorded[name]["sha256"]]
+                 if sha256_file(present[name]) != recorded[name]["sha256"]]
     return [Check("manifest", not problems, "; ".join(problems) if problems else f"{len(recorded)} files match")]
 
 

@@ -15,6 +15,8 @@ import struct
 import tempfile
 from pathlib import Path
 
+from .files import sha256_file
+
 # The Harmony special tokens of gpt-oss's o200k_harmony vocabulary (one table for the package).
 STARTOFTEXT = 199998  # gpt-oss's bos_token_id
 ENDOFTEXT = 199999  # pad_token_id, and the padding after a finished turn
@@ -37,18 +39,10 @@ class VocabularyError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_vocab_file(path: Path) -> Path:
     if not path.is_file():
         raise VocabularyError(f"{path}: no such vocabulary file")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != O200K_SHA256:
         raise VocabularyError(
             f"{path}: SHA-256 {digest} is not the o200k_base.tiktoken harmony expects ({O200K_SHA256}); "

@@ -3,7 +3,8 @@ and its readiness check on the demo's student: test_demo.py.)"""
 
 import json
 
-from megatron_student.handoff import MANIFEST, manifest_checks, sha256, write_manifest
+from megatron_student.files import sha256_file
+from megatron_student.handoff import MANIFEST, manifest_checks, write_manifest
 
 
 def test_manifest_names_changed_missing_and_extra_files(tmp_path):
@@ -12,7 +13,7 @@ def test_manifest_names_changed_missing_and_extra_files(tmp_path):
     (tmp_path / "notes.md").write_text("# notes\n")
     manifest = write_manifest(tmp_path)
     assert set(manifest["files"]) == {"student/model.safetensors", "notes.md"}
-    assert manifest["files"]["notes.md"]["sha256"] == sha256(tmp_path / "notes.md")
+    assert manifest["files"]["notes.md"]["sha256"] == sha256_file(tmp_path / "notes.md")
     assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
     assert [c.passed for c in manifest_checks(tmp_path)] == [True]
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..files import sha256_file
 
 VERSION = 1
 MAGIC = b"MSTCAP01"
@@ -161,15 +162,6 @@ def decode_rows(rows: np.ndarray, c: Compression) -> tuple[torch.Tensor, torch.T
 
 # --------------------------------------------------------------------------------------------------------------
 # Identity hashes
-
-
-def sha256_file(path: Path, h=None) -> str:
-    own = h is None
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest() if own else ""
 
 
 def teacher_identity(path: str | os.PathLike, config_dict: dict) -> dict:
