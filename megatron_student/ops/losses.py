@@ -136,6 +136,15 @@ class _VocabShard:
     group: dist.ProcessGroup | None  # None when there is no communication
 
 
+def _per_loss_weights(weights: torch.Tensor, lead: tuple, count: int) -> torch.Tensor:
+    """Per-token ``weights`` [*lead] shared by every loss, or one row per loss [count, *lead]: as [count, *lead]."""
+    if weights.shape == lead:
+        return weights.unsqueeze(0).expand(count, *lead)
+    if weights.shape != (count, *lead):
+        raise ValueError(f"weights {tuple(weights.shape)} must be {tuple(lead)} or {(count, *lead)}")
+    return weights
+
+
 def _vocab_shard(local_vocab: int, vocab_size: int | None, tp_group) -> _VocabShard:
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if world == 1 else dist.get_rank(tp_group)
@@ -262,10 +271,7 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
             raise ValueError("teacher_logits is required for every loss but ce")
     elif teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
-    if weights.shape == lead:
-        weights = weights.unsqueeze(0).expand(len(specs), *lead)
-    elif weights.shape != (len(specs), *lead):
-        raise ValueError(f"weights {tuple(weights.shape)} must be {tuple(lead)} or {(len(specs), *lead)}")
+    weights = _per_loss_weights(weights, lead, len(specs))
     shard = _vocab_shard(local_vocab, vocab_size, tp_group)
     if any(s.kind == "ce" for s in specs):
         if labels is None or labels.shape != lead:
@@ -536,10 +542,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
                          f"must be {(*lead, k)} for student logits {tuple(student_logits.shape)}")
     if teacher_log_tail.shape != lead:
         raise ValueError(f"teacher tail {tuple(teacher_log_tail.shape)} must be {tuple(lead)}")
-    if weights.shape == lead:
-        weights = weights.unsqueeze(0).expand(len(specs), *lead)
-    elif weights.shape != (len(specs), *lead):
-        raise ValueError(f"weights {tuple(weights.shape)} must be {tuple(lead)} or {(len(specs), *lead)}")
+    weights = _per_loss_weights(weights, lead, len(specs))
     shard = _vocab_shard(local_vocab, vocab_size, tp_group)
     if k > shard.vocab or bool(((teacher_ids < 0) | (teacher_ids >= shard.vocab)).any()):
         raise ValueError(f"teacher ids must be {k} ≤ {shard.vocab} distinct ids in [0, {shard.vocab})")

@@ -111,8 +111,8 @@ def _cache_extend(cache: StudentCache | None, layer_idx: int, keep: int | None):
         return None
 
     def extend(new: dict[str, torch.Tensor], valid: torch.Tensor | None):
-        B, T = next(iter(new.values())).shape[:2]
-        flags = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=next(iter(new.values())).device)
+        first = next(iter(new.values()))
+        flags = valid if valid is not None else torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
         full = _append(cache.layers[layer_idx], {**new, "valid": flags})
         cache.layers[layer_idx] = _trim(full, keep)
         keys_valid = full["valid"]

@@ -601,10 +601,13 @@ class Trainer:
         fit this run's vocabulary padding): the checkpoint's trainer/layout.json against this run's."""
         path = directory / "trainer" / LAYOUT_FILE
         if path.is_file():
-            written, layout = json.loads(path.read_text()), self._layout()
-            if written != layout:
-                raise ValueError(f"{path}: written with {written}, resuming with {layout}; resume needs the same "
-                                 "layout (start a new stage from it with student.megatron to change it)")
+            self._require_layout(path, json.loads(path.read_text()))
+
+    def _require_layout(self, path: Path, written: dict) -> None:
+        layout = self._layout()
+        if written != layout:
+            raise ValueError(f"{path}: written with {written}, resuming with {layout}; resume needs the same "
+                             "layout (start a new stage from it with student.megatron to change it)")
 
     def _load_trainer_state(self, directory: Path) -> None:
         path = directory / "trainer" / f"rank_{self.rank:05d}.pt"
@@ -612,10 +615,7 @@ class Trainer:
             raise FileNotFoundError(f"{path}: no trainer state for rank {self.rank} (was the checkpoint written with "
                                     "a different world size?)")
         state = safe_torch_load(path)
-        layout = self._layout()
-        if state["layout"] != layout:
-            raise ValueError(f"{path}: written with {state['layout']}, resuming with {layout}; resume needs the same "
-                             "layout (start a new stage from it with student.megatron to change it)")
+        self._require_layout(path, state["layout"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.consecutive_bad, self.skipped_total = state["consecutive_bad"], state["skipped_total"]
         self.optimizer.load_state_dict(state["optimizer"])
