@@ -5,6 +5,7 @@ the dense teacher), and the errors a reader raises for damaged or mismatched cap
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,7 +35,8 @@ def cli(*args: str, world: int = 1) -> list[str]:
 
 def capture_args(root: Path, output: Path, *extra: str) -> list[str]:
     return ["capture-teacher", "--teacher", str(root / "teacher"), "--data", str(root / "data"), "--output",
-            str(output), "--split", "valid", "--top-k", "16", "--exact-k", "2", "--samples-per-shard", "1", *extra]
+            str(output), "--split", "valid", "--top-k", "32", "--min-k", "4", "--bytes-per-token", "48",
+            "--samples-per-shard", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +47,59 @@ def root(tmp_path_factory):
     return root
 
 
-def test_rows_round_trip_within_the_quantisation_step():
-    g = torch.Generator().manual_seed(0)
-    logits = 6 * torch.randn(50, 3000, generator=g) ** 3  # peaked, like a language model's
+def _peaked_rows(n: int, vocab: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = 6 * torch.randn(n, vocab, generator=g) ** 3  # peaked, like a language model's
+    logits[: n // 2] /= 4  # and some flatter rows
     log_p = torch.log_softmax(logits.double(), -1)
-    values, ids = log_p.topk(40)
+    values, ids = log_p.topk(k)
     rest = torch.ones_like(log_p, dtype=torch.bool).scatter_(-1, ids, False)
-    log_tail = torch.logsumexp(log_p.masked_fill(~rest, -float("inf")), -1)
-    c = fmt.Compression.for_vocab(201088, k=40, exact_k=3, quant_bits=5)
-    assert c.id_bits == 18 and c.row_bytes == 90 + 6 + 2 + 24 + 4  # ids, exact bf16, floor, 37 × 5 bits, tail
-    rows = fmt.encode_rows(ids, values.float(), log_tail.float(), c)
-    assert rows.shape == (50, c.row_bytes)
-    got_ids, got_lp, got_tail = fmt.decode_rows(rows, c)
-    assert torch.equal(got_ids, ids)
-    assert torch.equal(got_tail, log_tail.float())  # the tail bucket is exact
-    assert torch.allclose(got_lp.double().exp().sum(-1) + log_tail.exp(), torch.ones(50, dtype=torch.float64))
-    step = (values[:, 2] - values[:, -1]) / 31
-    # after rescaling to 1 − tail every value moves by the same shift; the spacing error is ≤ half a step + bf16
-    err = (got_lp.double() - values) - (got_lp.double() - values)[:, :1]
-    assert bool((err[:, 3:].abs() <= step.unsqueeze(-1) / 2 + 0.02 * values[:, 2:3].abs() + 1e-6).all())
+    return log_p, ids, values, torch.logsumexp(log_p.masked_fill(~rest, -float("inf")), -1)
+
+
+def test_rows_round_trip_within_the_quantisation_step():
+    log_p, ids, values, log_tail = _peaked_rows(50, 3000, 40, seed=0)
+    c = fmt.Compression.for_vocab(201088, top_k=40, min_k=4, bytes_per_token=0, exact_k=3, quant_bits=5)
+    # 32-bit tail, 3 exact bf16 and the bf16 floor, 40 × 18-bit ids, 36 × 5-bit codes
+    assert c.id_bits == 18 and c.row_bytes(40) == (32 + 48 + 16 + 720 + 180 + 7) // 8
+    counts = np.array([40] * 25 + [4, 5, 39, 17, 8] * 5)
+    data = fmt.encode_rows(ids, values.float(), log_tail.float(), counts, c)
+    assert data.shape == (int(c.row_bytes(counts).sum()),)
+    got_ids, got_lp, got_tail = fmt.decode_rows(data, counts, c, width=40)
+    for i, n in enumerate(counts):
+        assert torch.equal(got_ids[i, :n], ids[i, :n]) and bool((got_ids[i, n:] == fmt.PAD_ID).all())
+        assert bool(torch.isneginf(got_lp[i, n:]).all())
+        # the tail bucket is exact: the mass beyond the row's own n ids, from the dense row
+        assert torch.allclose(got_tail[i].double(), torch.logsumexp(log_p[i].scatter(0, ids[i, :n], -math.inf), 0),
+                              rtol=1e-6, atol=1e-6)  # an fp32 log
+        assert torch.allclose(got_lp[i, :n].double().exp().sum() + got_tail[i].double().exp(),
+                              torch.ones((), dtype=torch.float64))
+        step = (values[i, 2] - values[i, n - 1]) / 31
+        # after rescaling to 1 − tail every value moves by the same shift; the spacing error is ≤ half a step + bf16
+        err = (got_lp[i, :n].double() - values[i, :n]) - (got_lp[i, 0].double() - values[i, 0])
+        assert bool((err.abs() <= step / 2 + 0.01 * values[i, :n].abs() + 1e-6).all()), (i, n, err)
+
+
+def test_byte_budget_goes_to_the_flat_rows():
+    log_p, ids, values, log_tail = _peaked_rows(64, 20000, 256, seed=1)
+    c = fmt.Compression.for_vocab(20000, top_k=256, min_k=4, bytes_per_token=120)
+    counts = fmt.allocate_counts(values.float(), log_tail.float(), c, 20000)
+    mean_bytes = (c.row_bytes(counts) + fmt.INDEX_BYTES).mean()
+    assert 115 < mean_bytes <= 120 and counts.min() >= 4 and counts.max() <= 256
+    assert counts[:32].mean() > 2 * counts[32:].mean()  # the flatter rows get more ids
+
+    def kl(counts):  # reconstruction KL with the tail spread evenly over the unstored ids, float64
+        total = 0.0
+        for i, n in enumerate(counts):
+            tail = 1 - values[i, :n].exp().sum()
+            rest = log_p[i].scatter(0, ids[i, :n], -math.inf)
+            total += float((rest.exp() * (rest - (tail / (20000 - n)).log())).nan_to_num().sum())
+        return total
+
+    same_k = int(counts.mean())
+    assert kl(counts) < 0.8 * kl(np.full(64, same_k))  # beats a fixed k of the same number of ids
+    with pytest.raises(ValueError, match="bytes-per-token 10 is below a row of min-k=4"):
+        fmt.Compression.for_vocab(20000, bytes_per_token=10)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
