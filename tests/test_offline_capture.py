@@ -91,9 +91,9 @@ def test_byte_budget_goes_to_the_flat_rows():
     def kl(counts):  # reconstruction KL with the tail spread evenly over the unstored ids, float64
         total = 0.0
         for i, n in enumerate(counts):
-            tail = 1 - values[i, :n].exp().sum()
             rest = log_p[i].scatter(0, ids[i, :n], -math.inf)
-            total += float((rest.exp() * (rest - (tail / (20000 - n)).log())).nan_to_num().sum())
+            uniform = torch.logsumexp(rest, 0) - math.log(20000 - n)
+            total += float((rest.exp() * (rest - uniform)).nan_to_num().sum())
         return total
 
     same_k = int(counts.mean())
@@ -131,10 +131,9 @@ def test_capture_resumes_after_kill_and_tp2_equals_tp1(root):
     assert f"{len(finished)} finished shard(s) skipped" in result.stdout
     assert all(p.stat().st_ino == ino for p, ino in inodes.items())  # finished shards were not rewritten
     summary = json.loads((one / fmt.CAPTURE_FILE).read_text())["summary"]
-    # a row: 16 × 18-bit ids, 2 bf16, the bf16 floor, 14 × 4-bit codes, the f32 tail; +4 B position index, plus
-    # each shard's JSON header (shards of one sample here)
-    assert summary["rows"] > 100 and summary["row_bytes"] == 36 + 4 + 2 + 7 + 4
-    assert 53 + 4 < summary["bytes_per_token"] < 53 + 4 + 16
+    # rows and their index within the 48-byte budget, plus each shard's JSON header (shards of one sample here)
+    assert summary["rows"] > 100 and 4 <= summary["ids_per_row"] <= 32
+    assert 40 < summary["bytes_per_token"] < 48 + 32
 
     result = subprocess.run(cli(*capture_args(root, two, "--tp", "2"), world=2), env=ENV, capture_output=True,
                             text=True, timeout=600)
@@ -142,10 +141,10 @@ def test_capture_resumes_after_kill_and_tp2_equals_tp1(root):
     for (pos1, (ids1, lp1, tail1)), (pos2, (ids2, lp2, tail2)) in zip(_load(one), _load(two)):
         assert np.array_equal(pos1, pos2) and torch.equal(ids1, ids2)
         assert torch.allclose(tail1, tail2, rtol=0, atol=1e-5)
-        assert torch.allclose(lp1, lp2, atol=0.02)  # the same rows up to a bf16 / grid rounding flip
+        assert torch.allclose(lp1, lp2, atol=0.1)  # the same rows up to a bf16 / 4-bit grid rounding flip
 
     # a rerun with other settings into the same directory is refused, naming the header
-    result = subprocess.run(cli(*capture_args(root, one, "--exact-k", "4")), env=ENV, capture_output=True,
+    result = subprocess.run(cli(*capture_args(root, one, "--exact-k", "3")), env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 2 and "capture.json: an existing capture" in result.stderr
 
@@ -156,16 +155,19 @@ def test_check_capture_matches_fresh_compression_of_the_dense_teacher(root):
         pytest.skip("needs the capture of the previous test")
     report = root / "report"
     result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(root / "teacher"), "--split", "valid",
-                                "--samples", "48", "--top-k", "8", "16", "--report", str(report)),
+                                "--samples", "48", "--bytes-per-token", "24", "48", "--top-k", "8",
+                                "--report", str(report)),
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((report / "fidelity.json").read_text())["settings"]
     assert (report / "fidelity.png").stat().st_size > 1000
     stored = next(v for name, v in table.items() if name.startswith("capture"))
-    fresh = table["ours k=16"]
-    assert stored["top1"] == 1.0 and stored["tail_abs_error"] < 1e-5
+    fresh = table["ours 48 B budget"]  # the capture's own setting, re-encoded from the dense teacher
+    assert stored["top1"] == 1.0 and stored["tail_abs_error"] < 1e-5 and stored["kl_infinite"] == 0
     assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 1e-3 * fresh["kl_mean"]
-    assert table["ours k=8"]["kl_mean"] > fresh["kl_mean"] > 0
+    assert table["ours 24 B budget"]["kl_mean"] > fresh["kl_mean"] > 0
+    assert table["ours 24 B budget"]["bytes_per_token"] <= 24 < fresh["bytes_per_token"] <= 48
+    assert table["ours k = 8"]["kl_mean"] > 0
     assert {"distillkit-recommended", "distillkit-budget"} <= set(table)
 
 
@@ -196,9 +198,18 @@ def test_reader_errors_name_the_file(root, tmp_path):
     fmt.shard_path(capture, "valid", 2).unlink()
     with pytest.raises(fmt.CaptureError, match=r"shard_00002.cap: missing capture shard"):
         reader.sample("valid", 2)
+    shard = fmt.shard_path(capture, "valid", 3)
+    shard.write_bytes(b"MSTCAP01" + shard.read_bytes()[8:])  # a shard of format version 1
+    with pytest.raises(fmt.CaptureError, match=r"shard_00003.cap: capture shard format 01, this reader understands 02"):
+        reader.sample("valid", 3)
+    (capture / fmt.CAPTURE_FILE).write_text(json.dumps({**header, "version": 1}))
+    with pytest.raises(fmt.CaptureError, match="capture.json: capture format version 1, this reader understands 2"):
+        fmt.CaptureReader(capture)
     (capture / fmt.CAPTURE_FILE).unlink()
     with pytest.raises(fmt.CaptureError, match="capture.json: no capture here"):
         fmt.CaptureReader(capture)
+    with pytest.raises(fmt.CaptureError, match="no such capture directory"):
+        fmt.CaptureReader(tmp_path / "nowhere")
 
 
 @pytest.mark.gpu
@@ -207,11 +218,12 @@ def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root):
     result = subprocess.run(cli(*capture_args(root, capture)), env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(root / "teacher"), "--split", "valid",
-                                "--samples", "256", "--top-k", "16", "--report", str(report)),
+                                "--samples", "256", "--bytes-per-token", "48", "--report", str(report)),
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((report / "fidelity.json").read_text())["settings"]
     stored = next(v for name, v in table.items() if name.startswith("capture"))
     # captured in bf16, checked in fp32: the same top-1, tails and KL up to bf16 forward noise
     assert stored["top1"] > 0.97 and stored["tail_abs_error"] < 1e-2
-    assert abs(stored["kl_mean"] - table["ours k=16"]["kl_mean"]) <= 0.05 * table["ours k=16"]["kl_mean"]
+    fresh = table["ours 48 B budget"]
+    assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 0.05 * fresh["kl_mean"]
