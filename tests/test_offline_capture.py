@@ -155,7 +155,7 @@ def test_check_capture_matches_fresh_compression_of_the_dense_teacher(root):
         pytest.skip("needs the capture of the previous test")
     report = root / "report"
     result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(root / "teacher"), "--split", "valid",
-                                "--samples", "48", "--bytes-per-token", "24", "48", "--top-k", "8",
+                                "--samples", "48", "--bytes-per-token", "32", "48", "--top-k", "8",
                                 "--report", str(report)),
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -165,8 +165,8 @@ def test_check_capture_matches_fresh_compression_of_the_dense_teacher(root):
     fresh = table["ours 48 B budget"]  # the capture's own setting, re-encoded from the dense teacher
     assert stored["top1"] == 1.0 and stored["tail_abs_error"] < 1e-5 and stored["kl_infinite"] == 0
     assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 1e-3 * fresh["kl_mean"]
-    assert table["ours 24 B budget"]["kl_mean"] > fresh["kl_mean"] > 0
-    assert table["ours 24 B budget"]["bytes_per_token"] <= 24 < fresh["bytes_per_token"] <= 48
+    assert table["ours 32 B budget"]["kl_mean"] > fresh["kl_mean"] > 0
+    assert table["ours 32 B budget"]["bytes_per_token"] <= 32 < fresh["bytes_per_token"] <= 48
     assert table["ours k = 8"]["kl_mean"] > 0
     assert {"distillkit-recommended", "distillkit-budget"} <= set(table)
 
@@ -212,6 +212,57 @@ def test_reader_errors_name_the_file(root, tmp_path):
         fmt.CaptureReader(tmp_path / "nowhere")
 
 
+def test_training_start_checks_and_micro_batch_rows(root, tmp_path):
+    from megatron_student.offline.training import open_capture_for_training
+    from megatron_student.train.config import load_config
+
+    source = root / "cap_tp1"
+    if not (source / fmt.CAPTURE_FILE).is_file():
+        pytest.skip("needs the capture of test_capture_resumes_after_kill_and_tp2_equals_tp1")
+    # the valid capture serves as the train split of a dataset whose train files are those valid ones
+    capture, data = tmp_path / "cap", tmp_path / "data"
+    shutil.copytree(source / "valid", capture / "train")
+    header = json.loads((source / fmt.CAPTURE_FILE).read_text())
+    header["splits"] = {"train": header["splits"]["valid"]}
+    header["data"] = {"train": header["data"]["valid"]}
+    (capture / fmt.CAPTURE_FILE).write_text(json.dumps(header))
+    shutil.copytree(root / "data" / "valid", data / "train")
+    seq_len = header["splits"]["train"]["seq_len"]
+
+    def config(*overrides):
+        return load_config(ASSETS.parent.parent / "configs" / "demo.yaml",
+                           [f"teacher={{kind: offline, path: {capture}}}", f"data.path={data}",
+                            f"data.seq_len={seq_len}", "eval.every=0", *overrides])
+
+    vocab = header["vocab_size"]
+    reader = open_capture_for_training(config(), capture, vocab)
+    positions, (ids, logprobs, log_tail) = reader.sample("train", 1, width=reader.compression.top_k)
+    ids_mb, lp_mb, tail_mb, stored = reader.micro_batch("train", [2, 1], seq_len)
+    at = torch.from_numpy(positions.astype(np.int64)) + seq_len  # sample 1 is the second of the micro-batch
+    assert ids_mb.shape == (2 * seq_len, reader.compression.top_k) and int(stored.sum()) > len(positions)
+    assert torch.equal(ids_mb[at], ids) and torch.equal(lp_mb[at], logprobs) and torch.equal(tail_mb[at], log_tail)
+    assert bool((ids_mb[~stored] == fmt.PAD_ID).all())
+    required = torch.zeros(2 * seq_len, dtype=torch.bool)
+    required[seq_len + min(set(range(seq_len)) - set(positions.tolist()))] = True  # one that was not stored
+    with pytest.raises(fmt.CaptureError, match=r"train/shard_00001.cap: sample 1 has no row for trained position"):
+        reader.micro_batch("train", [2, 1], seq_len, required=required)
+
+    with pytest.raises(fmt.CaptureError, match="capture.json: captured with another vocabulary"):
+        open_capture_for_training(config(), capture, vocab + 1)
+    with pytest.raises(fmt.CaptureError, match=f"captured at seq_len {seq_len}, data.seq_len is 128"):
+        open_capture_for_training(config("data.seq_len=128"), capture, vocab)
+    with pytest.raises(fmt.CaptureError, match="no split 'valid' captured .*eval.every > 0"):
+        open_capture_for_training(config("eval.every=5"), capture, vocab)
+    (data / "train" / "index.json").write_text((data / "train" / "index.json").read_text() + " ")
+    with pytest.raises(fmt.CaptureError, match=r"split 'train' does not match .*differing files: index.json"):
+        open_capture_for_training(config(), capture, vocab)
+    shutil.copy(root / "data" / "valid" / "index.json", data / "train" / "index.json")
+    last = sorted((capture / "train").glob("*.cap"))[-1]
+    last.unlink()
+    with pytest.raises(fmt.CaptureError, match=f"{last.name}: missing capture shard"):
+        open_capture_for_training(config(), capture, vocab)
+
+
 @pytest.mark.gpu
 def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root):
     capture, report = root / "cap_gpu", root / "report_gpu"
@@ -227,3 +278,41 @@ def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root):
     assert stored["top1"] > 0.97 and stored["tail_abs_error"] < 1e-2
     fresh = table["ours 48 B budget"]
     assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 0.05 * fresh["kl_mean"]
+
+
+def test_capture_slurm_script_runs_capture_teacher_and_resumes(root, tmp_path):
+    """launch/capture.slurm through a stub srun (one CPU task on this machine): the command it resolves, a real
+    capture, and the same submission again skipping the finished shards."""
+    launch = Path(__file__).resolve().parents[1] / "launch"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, text in (("srun", 'while [[ "$1" == --* ]]; do shift; done\n'
+                                'SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURM_NTASKS=1 exec "$@"\n'),
+                       ("megatron-student", f'exec {sys.executable} -m megatron_student.cli "$@"\n')):
+        (bindir / name).write_text("#!/bin/bash\n" + text)
+        (bindir / name).chmod(0o755)
+    output = tmp_path / "capture"
+    env = {k: v for k, v in ENV.items() if not k.startswith(("SLURM_", "MASTER_")) and k not in ("RANK", "WORLD_SIZE")}
+    env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="ms-capture", SLURM_NNODES="1",
+               SLURM_JOB_NODELIST="localhost", SLURM_NTASKS_PER_NODE="1", DEVICE="cpu", LOG_DIR=str(tmp_path / "logs"),
+               TEACHER=str(root / "teacher"), DATA=str(root / "data"), CAPTURE_DIR=str(output), ENV_ACTIVATE="")
+    args = ["--split", "valid", "--top-k", "32", "--bytes-per-token", "48", "--samples-per-shard", "4"]
+    dry = subprocess.run(["bash", str(launch / "capture.slurm"), *args], env={**env, "DRY_RUN": "1"},
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    command = dry.stdout.splitlines()[dry.stdout.splitlines().index("# command") + 1]
+    assert command.startswith("srun ") and "--ntasks=1" in command
+    assert f"_task rank megatron-student capture-teacher --teacher {root / 'teacher'} --data {root / 'data'} " \
+           f"--output {output} --split valid" in command
+    missing = subprocess.run(["bash", str(launch / "capture.slurm")], env={**env, "DATA": ""}, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and "DATA is not set" in missing.stderr
+    for run in range(2):
+        result = subprocess.run(["bash", str(launch / "capture.slurm"), *args], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        shards = len(list((output / "valid").glob("*.cap")))
+        assert shards >= 2
+        assert f"{shards if run else 0} finished shard(s) skipped" in result.stdout + result.stderr
+    reader = fmt.CaptureReader(output)
+    assert reader.header["summary"]["rows"] > 100 and reader.compression.bytes_per_token == 48

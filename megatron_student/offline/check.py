@@ -63,20 +63,36 @@ def reconstruction_metrics(dense_log_p: torch.Tensor, ids: torch.Tensor, logprob
     return {"kl": kl, "top1": (ids[:, 0] == log_p.argmax(-1)).double(), "tail_error": (tail - dense_tail).abs()}
 
 
-def ours(dense_log_p: torch.Tensor, compression: fmt.Compression, groups: list[int] | None = None):
-    """Our encoding of dense rows → (decoded ids, log-probabilities, bytes/token with the index); the byte budget
-    is shared within each group of consecutive rows (``groups``: their sizes, a packed sample's rows each as in a
-    capture; default one group)."""
+def top_rows(log_p: torch.Tensor, k: int):
+    """(ids, log-probabilities, log tail) of the top-k of full rows of log-probabilities (or logits)."""
     from ..ops.losses import vocab_parallel_topk
 
-    vocab = dense_log_p.shape[-1]
-    ids, values, log_tail = vocab_parallel_topk(dense_log_p.float(), compression.top_k)
-    bounds = np.cumsum([0, *(groups or [len(ids)])])
-    counts = np.concatenate([fmt.allocate_counts(values[a:b], log_tail[a:b], compression, vocab)
-                             for a, b in zip(bounds[:-1], bounds[1:])])
-    data = fmt.encode_rows(ids, values, log_tail, counts, compression)
-    ids, logprobs, _ = fmt.decode_rows(data, counts, compression)
-    return ids, logprobs, (len(data) + fmt.INDEX_BYTES * len(counts)) / max(len(counts), 1)
+    return vocab_parallel_topk(log_p.float(), k)
+
+
+def ours(samples: list, compression: fmt.Compression, vocab_size: int):
+    """Our encoding of packed samples' rows, each sample sharing its byte budget as in a capture. ``samples``:
+    per sample (ids [n, K], log-probabilities [n, K], log mass beyond them [n], rows to return [m]) with K ≥
+    ``compression.top_k`` → (decoded ids and log-probabilities of the returned rows, bytes/token with the index
+    over all rows)."""
+    k = compression.top_k
+    out_ids, out_lp, nbytes, rows = [], [], 0, 0
+    for ids, values, log_tail, pick in samples:
+        values = values.float()
+        log_tail = torch.logaddexp(log_tail.double(), torch.logsumexp(values[:, k:].double(), -1)).float() \
+            if values.shape[1] > k else log_tail
+        ids, values = ids[:, :k].cpu(), values[:, :k].cpu()
+        counts = fmt.allocate_counts(values, log_tail, compression, vocab_size)
+        data = fmt.encode_rows(ids, values, log_tail.cpu(), counts, compression)
+        nbytes += len(data) + fmt.INDEX_BYTES * len(counts)
+        rows += len(counts)
+        starts = np.concatenate([[0], np.cumsum(compression.row_bytes(counts))])
+        pick = np.asarray(pick, dtype=np.int64)
+        picked = np.concatenate([data[starts[i]:starts[i + 1]] for i in pick]) if len(pick) else data[:0]
+        d_ids, d_lp, _ = fmt.decode_rows(picked, counts[pick], compression, width=k)
+        out_ids.append(d_ids)
+        out_lp.append(d_lp)
+    return torch.cat(out_ids), torch.cat(out_lp), nbytes / max(rows, 1)
 
 
 def _terms(t: torch.Tensor, names) -> torch.Tensor:
@@ -99,6 +115,42 @@ def distillkit_style(dense_log_p: torch.Tensor, k: int, exact_k: int, terms) -> 
 
 def distillkit_bytes(k: int, exact_k: int, terms, id_bits: int) -> int:
     return math.ceil((exact_k * 16 + len(terms) * 32) / 8) + math.ceil(k * id_bits / 8)
+
+
+def fidelity_table(dense_log_p: torch.Tensor, samples: list, c: fmt.Compression, budgets, fixed_ks,
+                   stored: dict | None = None) -> dict:
+    """The table of ``check-capture`` for dense rows [n, V] of the positions compared; ``samples``: the packed
+    samples they come from, as :func:`ours` takes them (the top rows of every position, the compared ones
+    picked); ``stored``: settings already encoded (name → (ids, log-probs, bytes/token)); then ours at each byte
+    budget and fixed k (the other knobs of ``c``), and the DistillKit-style baseline."""
+    vocab = dense_log_p.shape[-1]
+    settings = {name: (*rows, "ours") for name, rows in (stored or {}).items()}
+    for budget in budgets:
+        setting = dataclasses.replace(c, bytes_per_token=budget)
+        settings[f"ours {budget:g} B budget"] = (*ours(samples, setting, vocab), "ours")
+    for k in fixed_ks:
+        setting = dataclasses.replace(c, top_k=k, min_k=min(c.min_k, k), bytes_per_token=0)
+        settings[f"ours k = {k}"] = (*ours(samples, setting, vocab), "ours")
+    for name, d in DISTILLKIT.items():
+        settings[name] = (*distillkit_style(dense_log_p, d["k"], d["exact_k"], d["terms"]),
+                          distillkit_bytes(d["k"], d["exact_k"], d["terms"], c.id_bits), "distillkit")
+    table = {}
+    for name, (ids_, logprobs_, nbytes, family) in settings.items():
+        m = reconstruction_metrics(dense_log_p, ids_, logprobs_)
+        finite = torch.isfinite(m["kl"])
+        kl = m["kl"][finite] if bool(finite.any()) else m["kl"].new_full((1,), math.inf)
+        table[name] = {"family": family, "bytes_per_token": float(nbytes), "kl_mean": kl.mean().item(),
+                       "kl_p99": kl.quantile(0.99).item(), "kl_infinite": 1 - finite.double().mean().item(),
+                       "top1": m["top1"].mean().item(), "tail_abs_error": m["tail_error"].mean().item()}
+    return table
+
+
+def print_table(table: dict) -> None:
+    print("| setting | B/token | KL mean (finite rows) | KL p99 | rows with KL = ∞ | top-1 | tail abs err |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, r in table.items():
+        print(f"| {name} | {r['bytes_per_token']:.1f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | "
+              f"{r['kl_infinite']:.1%} | {r['top1']:.4f} | {r['tail_abs_error']:.2e} |")
 
 
 def check(args) -> dict:
@@ -125,48 +177,33 @@ def check(args) -> dict:
     if fmt.data_identity(data.directory.parent, split) != header["data"][split]:
         raise fmt.CaptureError(f"{reader.root / fmt.CAPTURE_FILE}: {data.directory} is not the data it was "
                                "captured from (file hashes differ)")
-    order = np.random.default_rng(args.seed).permutation(len(data))
-    dense, stored = [], []
-    for i in order:
+    c = reader.compression
+    k = max(c.top_k, *args.top_k)
+    rng = np.random.default_rng(args.seed)
+    dense, stored, samples, compared = [], [], [], 0
+    for i in rng.permutation(len(data)):
         positions, _ = reader.sample(split, int(i))
         if not len(positions):
             continue
         _, logits = teacher_logits(model, [data[int(i)]], device)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        take = positions  # whole samples: each shares its own byte budget, as in the capture
-        dense.append(torch.log_softmax(logits[torch.from_numpy(take).long(), :config.vocab_size].double().cpu(), -1))
-        stored.append(reader.rows_at(split, int(i), take, width=reader.compression.top_k))
-        if sum(len(d) for d in dense) >= args.samples:
+        logits = logits[torch.from_numpy(positions).long().to(logits.device), :config.vocab_size]
+        # every position of the sample is re-encoded (they share its byte budget); a random subset is compared
+        pick = np.sort(rng.permutation(len(positions))[:args.samples - compared])
+        samples.append((*top_rows(logits, k), pick))
+        dense.append(torch.log_softmax(logits[torch.from_numpy(pick).to(logits.device)].double(), -1).cpu())
+        stored.append(reader.rows_at(split, int(i), positions[pick], width=c.top_k))
+        compared += len(pick)
+        if compared >= args.samples:
             break
     dense_log_p = torch.cat(dense)
     ids = torch.cat([s[0] for s in stored])
     logprobs = torch.cat([s[1] for s in stored])
-    c = reader.compression
-    groups = [len(d) for d in dense]
-    summary = header.get("summary", {})
-    settings = {f"capture ({c.bytes_per_token:g} B budget, k ≤ {c.top_k})" if c.bytes_per_token else
-                f"capture (k = {c.top_k})": (ids, logprobs, summary["bytes_per_token"], "ours")}
-    for budget in args.bytes_per_token:
-        setting = dataclasses.replace(c, bytes_per_token=budget)
-        ids_, logprobs_, nbytes = ours(dense_log_p, setting, groups)
-        settings[f"ours {budget:g} B budget"] = (ids_, logprobs_, nbytes, "ours")
-    for k in args.top_k:
-        setting = dataclasses.replace(c, top_k=k, min_k=min(c.min_k, k), bytes_per_token=0)
-        ids_, logprobs_, nbytes = ours(dense_log_p, setting, groups)
-        settings[f"ours k = {k}"] = (ids_, logprobs_, nbytes, "ours")
-    for name, d in DISTILLKIT.items():
-        settings[name] = (*distillkit_style(dense_log_p, d["k"], d["exact_k"], d["terms"]),
-                          distillkit_bytes(d["k"], d["exact_k"], d["terms"], c.id_bits), "distillkit")
-    table = {}
-    for name, (ids_, logprobs_, nbytes, family) in settings.items():
-        m = reconstruction_metrics(dense_log_p, ids_, logprobs_)
-        finite = torch.isfinite(m["kl"])
-        kl = m["kl"][finite] if bool(finite.any()) else m["kl"].new_full((1,), math.inf)
-        table[name] = {"family": family, "bytes_per_token": float(nbytes), "kl_mean": kl.mean().item(),
-                       "kl_p99": kl.quantile(0.99).item(), "kl_infinite": 1 - finite.double().mean().item(),
-                       "top1": m["top1"].mean().item(),
-                       "tail_abs_error": m["tail_error"].mean().item()}
+    name = (f"capture ({c.bytes_per_token:g} B budget, k ≤ {c.top_k})" if c.bytes_per_token else
+            f"capture (k = {c.top_k})")
+    table = fidelity_table(dense_log_p, samples, c, args.bytes_per_token, args.top_k,
+                           stored={name: (ids, logprobs, header["summary"]["bytes_per_token"])})
     result = {"capture": str(reader.root), "positions": int(dense_log_p.shape[0]), "settings": table}
     if torch.distributed.get_rank() == 0:
         report = Path(args.report or Path(args.capture) / "check")
@@ -174,12 +211,7 @@ def check(args) -> dict:
         (report / "fidelity.json").write_text(json.dumps(result, indent=1))
         _plot(table, report / "fidelity.png", result["positions"])
         print(f"fidelity of {reader.root} on {result['positions']} positions (KL in nats):")
-        print("| setting | B/token | KL mean | KL p99 | KL = ∞ | top-1 | tail abs err |\n"
-              "|---|---|---|---|---|---|---|")
-        for name, r in table.items():
-            print(f"| {name} | {r['bytes_per_token']:.1f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | "
-                  f"{r['kl_infinite']:.1%} | "
-                  f"{r['top1']:.4f} | {r['tail_abs_error']:.2e} |")
+        print_table(table)
         print(f"wrote {report / 'fidelity.json'} and {report / 'fidelity.png'}", flush=True)
     return result
 
