@@ -387,7 +387,6 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.steps >= 1, src, "steps", f"must be >= 1, got {config.steps}")
     _check((config.student.hf is None) != (config.student.megatron is None), src, "student",
            "set exactly one of student.hf (HF student dir) or student.megatron (Megatron checkpoint)")
-    _validate_teachers(config, src)
     d = config.data
     _check(bool(d.path), src, "data.path", "a prepare-data output directory is required")
     for key in ("seq_len", "micro_batch", "global_batch"):
@@ -432,6 +431,7 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{src}: {where}: {e}") from e
     kinds = [item.kind for item in losses.logits]
     _check(len(set(kinds)) == len(kinds), src, "losses.logits", f"each kind at most once, got {kinds}")
+    _validate_teachers(config, src)
     for name, section in (("hidden", losses.hidden), ("attention", losses.attention)):
         _check(section.weight >= 0, src, f"losses.{name}.weight", f"must be >= 0, got {section.weight}")
         _check(section.kind in ALIGNMENT_KINDS, src, f"losses.{name}.kind",
