@@ -76,6 +76,37 @@ def test_sparse_losses_match_float64_partition_reference(kind, temperature):
     assert g_got[:, 53:].abs().max() == 0  # padding ids get no gradient
 
 
+def padded_rows(teacher: torch.Tensor, counts: list[int], vocab_size: int):
+    """Rows that store counts[i] ids each (a budgeted capture), padded to max(counts) with id −1 and −inf."""
+    k = max(counts)
+    ids, logprobs, log_tail = [], [], []
+    for row, n in zip(teacher, counts):
+        i, lp, t = stored_teacher(row.unsqueeze(0), n, vocab_size)
+        ids.append(torch.cat([i[0], torch.full((k - n,), -1)]))
+        logprobs.append(torch.cat([lp[0], torch.full((k - n,), -math.inf, dtype=lp.dtype)]))
+        log_tail.append(t[0])
+    return torch.stack(ids), torch.stack(logprobs), torch.stack(log_tail)
+
+
+@pytest.mark.parametrize("kind,temperature", KINDS_T)
+def test_padded_rows_equal_each_rows_own_partition(kind, temperature):
+    student, _, _, _, weights = batch(12, 40, 37, 3, seed=11)
+    teacher = 3 * torch.randn(12, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    counts = [1, 9, 4, 37, 2, 9, 5, 3, 8, 6, 7, 36]  # 37: the whole vocabulary, no tail bucket
+    ids, logprobs, log_tail = padded_rows(teacher, counts, 37)
+    s = student.clone().requires_grad_(True)
+    got = sparse_logit_losses(s, ids, logprobs, log_tail, [LogitLoss(kind, temperature)], weights, vocab_size=37,
+                              chunk_size=5)[0]
+    (g_got,) = torch.autograd.grad(got, s)
+    r = student.clone().requires_grad_(True)
+    ref = sum(partition_reference(r[i:i + 1], ids[i:i + 1, :n], logprobs[i:i + 1, :n], log_tail[i:i + 1], kind,
+                                  weights[i:i + 1], temperature, 37) for i, n in enumerate(counts))
+    (g_ref,) = torch.autograd.grad(ref, r)
+    assert ref.item() > 0
+    assert abs(got.item() - ref.item()) / ref.item() < 1e-9
+    assert ((g_got - g_ref).abs().max() / g_ref.abs().max()).item() < 1e-8
+
+
 @pytest.mark.parametrize("kind,temperature", KINDS_T)
 def test_sparse_equals_dense_when_k_covers_the_vocabulary(kind, temperature):
     student, ids, logprobs, log_tail, weights = batch(17, 32, 32, 32, seed=5)
@@ -120,6 +151,12 @@ def test_tp2_equals_tp1():
         cases.append({"student": student, "ids": ids, "logprobs": logprobs, "log_tail": log_tail,
                       "weights": weights, "specs": [{"kind": kind, "temperature": T}, {"kind": "forward_kl"}],
                       "vocab_size": 57, "chunk_size": 4, "k": 9})
+    student, _, _, _, weights = batch(13, 64, 57, 9, seed=8)
+    teacher = 3 * torch.randn(13, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ids, logprobs, log_tail = padded_rows(teacher, [9, 1, 4, 57, 2, 9, 5, 3, 8, 6, 7, 9, 2], 57)
+    cases.append({"student": student, "ids": ids, "logprobs": logprobs, "log_tail": log_tail, "weights": weights,
+                  "specs": [{"kind": "reverse_kl", "temperature": 1.5}, {"kind": "jsd"}], "vocab_size": 57,
+                  "chunk_size": 4, "k": 9})
     results = spawn(tp_sparse_losses, 2, cases)
     for case, r0, r1 in zip(cases, *results):
         s = case["student"].clone().requires_grad_(True)

@@ -92,3 +92,65 @@ def test_every_loss_weight_zero_is_rejected():
 def test_bf16_student_needs_megatrons_optimizer():
     with pytest.raises(ConfigError, match="student.dtype: bf16 needs optimizer.implementation megatron"):
         load_config(CONFIGS / "demo.yaml", ["student.dtype=bf16", "optimizer.implementation=torch"])
+
+
+def _capture_dir(tmp_path: Path) -> Path:
+    """A directory that looks like a capture to the config check (which only looks for capture.json; the
+    capture's contents are checked by offline.training at trainer start, tests/test_offline_capture.py)."""
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "cap" / "capture.json").write_text("{}")
+    return tmp_path / "cap"
+
+
+def test_single_offline_teacher_and_the_unchanged_online_form(tmp_path):
+    cap = _capture_dir(tmp_path)
+    online = load_config(CONFIGS / "demo.yaml")
+    assert online.teacher.kind == "online" and online.teacher_list() == [online.teacher]
+    offline = load_config(CONFIGS / "demo.yaml", [f"teacher={{kind: offline, path: {cap}}}",
+                                                  "losses.logits=[{kind: forward_kl}, {kind: ce, weight: 0.5}]"])
+    assert [t.kind for t in offline.teacher_list()] == ["offline"]
+    assert [(spec.kind, w) for spec, w in offline.teacher_losses(offline.teacher)] == [("forward_kl", 1.0)]
+    again = config_from_dict(offline.resolved(), source="resolved")
+    assert again.resolved() == offline.resolved()
+
+
+def test_several_teachers_each_with_its_losses(tmp_path):
+    cap = _capture_dir(tmp_path)
+    config = load_config(CONFIGS / "demo.yaml", [
+        "teacher=null",
+        f"teachers=[{{kind: online, path: gpt-oss-20b, weight: 0.3}}, {{kind: offline, path: {cap}, weight: 0.7, "
+        "losses: [{kind: forward_kl, weight: 1.0, temperature: 2.0}, {kind: tvd, weight: 0.5}]}]",
+        "losses.logits=[{kind: reverse_kl, weight: 2.0}, {kind: ce, weight: 0.1}]"])
+    online, offline = config.teacher_list()
+    assert (online.kind, online.path, offline.kind) == ("online", "gpt-oss-20b", "offline")
+    assert [(s.kind, w) for s, w in config.teacher_losses(online)] == [("reverse_kl", 0.6)]  # 2.0 × 0.3
+    assert [(s.kind, s.temperature, w) for s, w in config.teacher_losses(offline)] == [("forward_kl", 2.0, 0.7),
+                                                                                      ("tvd", 1.0, 0.35)]
+    assert config_from_dict(config.resolved(), source="resolved").resolved() == config.resolved()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["teacher={kind: offline, path: CAP}", "losses.hidden.weight=1.0"],
+     "losses.hidden.weight: 1.0 needs teacher activations, and the offline teacher (teacher) stores only"),
+    (["teacher={kind: offline, path: CAP}", "losses.attention.weight=0.5"],
+     "losses.attention.weight: 0.5 needs teacher activations"),
+    (["teacher=null", "teachers=[{kind: offline, path: CAP}]", "losses.hidden.weight=1.0"],
+     "the offline teacher (teachers[0])"),
+    (["teacher={kind: offline, path: CAP/nowhere}"], "teacher.path: CAP/nowhere/capture.json: no capture here"),
+    (["teacher={kind: offline, path: ''}"], "teacher.path: a capture-teacher output directory is required"),
+    (["teachers=[{kind: offline, path: CAP}]"], "teacher: give either teacher (one) or teachers (a list), not both"),
+    (["teacher=null", "teachers=[{kind: online, path: a}, {kind: online, path: b}]"],
+     "teachers[1]: at most one online teacher"),
+    (["teacher=null", "teachers=[{kind: offline, path: CAP, losses: [{kind: ce}]}]"],
+     "teachers[0].losses[0].kind: 'ce' is not a teacher loss"),
+    (["teacher=null", "teachers=[{kind: offline, path: CAP, weight: -1.0}]"], "teachers[0].weight: must be >= 0"),
+    (["teacher=null", "teachers=[{kind: offline, path: CAP, losses: [{kind: tvd}, {kind: tvd}]}]"],
+     "teachers[0].losses: each kind at most once"),
+    (["teacher={path: x, weight: 0.5}"], "teacher: weight and losses are per-teacher settings"),
+    (["teacher={kind: cached, path: x}"], "teacher.kind: 'cached' is not one of"),
+])
+def test_teacher_errors_name_the_key(tmp_path, overrides, message):
+    cap = str(_capture_dir(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "demo.yaml", [o.replace("CAP", cap) for o in overrides])
+    assert message.replace("CAP", cap) in str(info.value)

@@ -105,8 +105,7 @@ def capture(args) -> dict:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     vocab_size = config.vocab_size
-    compression = fmt.Compression.for_vocab(vocab_size, k=args.top_k, exact_k=args.exact_k,
-                                            quant_bits=args.quant_bits)
+    compression = fmt.Compression.for_vocab(vocab_size, **compression_knobs(args))
     output = Path(args.output)
     datasets = {split: HarmonyPackedDataset(args.data, split) for split in args.split}
     for split, data in datasets.items():
@@ -178,16 +177,21 @@ def capture(args) -> dict:
         path = fmt.shard_path(output, split, s)
         first, last = spans[(split, s)]
         shard_header = {**header, "split": split, "first_sample": first}
-        offsets, positions, rows = [0], [], []
+        offsets, byte_offsets, positions, counts, rows = [0], [0], [], [], []
         for a in range(first, last, args.micro_batch):
             items = [data[i] for i in range(a, min(a + args.micro_batch, last))]
-            for pos, ids, logprobs, log_tail in teacher_rows(model, items, device, vocab_size, args.top_k,
+            for pos, ids, logprobs, log_tail in teacher_rows(model, items, device, vocab_size, compression.top_k,
                                                              args.all_positions, tp_group):
+                # each packed sample shares its own byte budget: the rows do not depend on the micro-batch
+                count = fmt.allocate_counts(logprobs, log_tail, compression, vocab_size)
+                rows.append(fmt.encode_rows(ids, logprobs, log_tail, count, compression))
                 positions.append(pos)
-                rows.append(fmt.encode_rows(ids, logprobs, log_tail, compression))
+                counts.append(count)
                 offsets.append(offsets[-1] + len(pos))
+                byte_offsets.append(byte_offsets[-1] + len(rows[-1]))
         if tp_rank == 0:
-            fmt.write_shard(path, shard_header, np.array(offsets), np.concatenate(positions), np.concatenate(rows))
+            fmt.write_shard(path, shard_header, np.array(offsets), np.array(byte_offsets), np.concatenate(positions),
+                            np.concatenate(counts), np.concatenate(rows))
         done_tokens += offsets[-1]
         elapsed = time.perf_counter() - start
         if tp_rank == 0:
@@ -200,14 +204,15 @@ def capture(args) -> dict:
     elapsed = time.perf_counter() - start
     summary = {}
     if rank == 0:
-        rows_total = bytes_total = 0
+        rows_total = bytes_total = ids_total = 0
         for split, data in datasets.items():
             for s in range(math.ceil(len(data) / args.samples_per_shard)):
                 shard = fmt.Shard(fmt.shard_path(output, split, s))
                 rows_total += shard.header["rows"]
+                ids_total += int(np.asarray(shard.counts, dtype=np.int64).sum())
                 bytes_total += shard.path.stat().st_size
         summary = {"rows": rows_total, "bytes": bytes_total, "bytes_per_token": bytes_total / max(rows_total, 1),
-                   "row_bytes": compression.row_bytes, "seconds": round(elapsed, 3),
+                   "ids_per_row": ids_total / max(rows_total, 1), "seconds": round(elapsed, 3),
                    "shards_written": len(pending), "shards_skipped": skipped, "world": dist.get_world_size()}
         full = json.loads(header_path.read_text())
         full["summary"] = summary
@@ -215,9 +220,14 @@ def capture(args) -> dict:
         tmp.write_text(json.dumps(full, indent=1, sort_keys=True))
         os.replace(tmp, header_path)
         print(f"captured {rows_total:,} positions into {output}: {summary['bytes_per_token']:.1f} B/token "
-              f"({compression.row_bytes} B/row + index), {elapsed:.1f} s; {skipped} finished shard(s) skipped from "
+              f"({summary['ids_per_row']:.1f} ids/row), {elapsed:.1f} s; {skipped} finished shard(s) skipped from "
               "an earlier run", flush=True)
     return summary
+
+
+def compression_knobs(args: argparse.Namespace) -> dict:
+    return {"top_k": args.top_k, "min_k": args.min_k, "bytes_per_token": args.bytes_per_token,
+            "exact_k": args.exact_k, "quant_bits": args.quant_bits}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,10 +236,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepare-data output directory")
     parser.add_argument("--output", required=True, help="capture directory (rerun the same command to resume)")
     parser.add_argument("--split", action="append", default=None, help="split(s) to capture (default: train)")
-    parser.add_argument("--top-k", type=int, default=d.k, help="token ids stored per position")
+    parser.add_argument("--top-k", type=int, default=d.top_k, help="most token ids stored per position")
+    parser.add_argument("--min-k", type=int, default=d.min_k, help="fewest token ids stored per position")
+    parser.add_argument("--bytes-per-token", type=float, default=d.bytes_per_token,
+                        help="average bytes per stored position (row + 6-byte index) that each packed sample's "
+                             "rows share, the ids going where they lower the KL most; 0: top-k ids in every row")
     parser.add_argument("--exact-k", type=int, default=d.exact_k, help="largest log-probs stored exactly (bf16)")
     parser.add_argument("--quant-bits", type=int, default=d.quant_bits,
-                        help="bits per remaining log-prob (uniform grid in log space)")
+                        help="bits per remaining log-prob (uniform grid in log space below the exact ones)")
     parser.add_argument("--all-positions", action="store_true",
                         help="store every real position, not only trained ones (label ≠ -100)")
     parser.add_argument("--samples-per-shard", type=int, default=1024, help="packed samples per shard file")
@@ -249,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: --samples-per-shard and --micro-batch must be >= 1", file=sys.stderr)
         return 2
     try:
-        fmt.Compression(k=args.top_k, exact_k=args.exact_k, quant_bits=args.quant_bits)
+        fmt.Compression(**compression_knobs(args))
         with distributed_context():
             capture(args)
     except (fmt.CaptureError, ValueError, FileNotFoundError) as e:

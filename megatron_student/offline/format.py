@@ -1,4 +1,4 @@
-"""The compressed on-disk form of a captured teacher: one fixed-size row per stored position.
+"""The compressed on-disk form of a captured teacher: one variable-length row per stored position.
 
 A capture directory::
 
@@ -9,23 +9,31 @@ A capture directory::
 A shard is keyed by the prepared dataset's sample indices alone, so it does not depend on the capture's or a
 training run's TP/EP/DP, micro-batch, seed or sampler order: a reader asks for (split, sample, position).
 
-Shard file: ``MAGIC`` (8 bytes), u64 little-endian header length, the header as UTF-8 JSON, zero padding to 8
-bytes, then ``offsets`` int64 [samples + 1] (row range of each sample), ``positions`` int32 [rows] (the logits
-row within the sample, 0-based: position t holds the teacher's distribution of token t + 1), ``rows`` uint8
-[rows, row_bytes]. The header records every length, so a truncated file is detected from its size.
+Shard file (format version 2): ``MAGIC`` (8 bytes), u64 little-endian header length, the header as UTF-8 JSON,
+zero padding to 8 bytes, then ``offsets`` int64 [samples + 1] (row range of each sample), ``byte_offsets`` int64
+[samples + 1] (its byte range in ``data``), ``positions`` int32 [rows] (the logits row within the sample, 0-based:
+position t holds the teacher's distribution of token t + 1), ``counts`` uint16 [rows] (ids stored in each row),
+``data`` uint8 [bytes] (the rows, each starting on a byte). The header records every length, so a truncated file
+is detected from its size.
 
-One row (``Compression``; temperature-1 log-probabilities, sorted by descending probability):
+One row (``Compression``) is a little-endian bit stream of temperature-1 log-probabilities sorted by descending
+probability, padded to a byte:
 
-* ``k`` token ids, ``id_bits`` bits each (18 for gpt-oss's 201,088 ids), bit-packed little-endian;
-* the first ``exact_k`` log-probabilities as bf16;
-* if ``k > exact_k``: the smallest stored log-probability (bf16, the *floor*) and the other ``k − exact_k``
-  as ``quant_bits``-bit codes on a uniform grid in log space between the last exact value and the floor (the
-  sorted order keeps them in that interval; error ≤ half a grid step);
-* the tail mass ``1 − Σ_top-k p`` as float32 log (−inf when k covers the vocabulary), computed from the dense
-  logits by a log-sum-exp over the other ids, not by subtraction.
+* the tail mass ``1 − Σ_stored p`` as float32 log (−inf when the row covers the vocabulary), computed from the
+  dense logits by a log-sum-exp over the other ids, not by subtraction;
+* the first ``exact_k`` log-probabilities as bf16, then the row's smallest stored one (the *floor*) as bf16;
+* the row's ``n`` token ids, ``id_bits`` bits each (18 for gpt-oss's 201,088 ids);
+* the other ``n − exact_k − 1`` log-probabilities as ``quant_bits``-bit codes on a uniform grid in log space
+  between the last exact value and the floor (the sorted order keeps them in that interval; error ≤ half a step).
 
-Decoding rescales the k probabilities so that they sum to exactly ``1 − tail``: the tail bucket is kept exact
-and the quantisation error stays among the top-k.
+How many ids a row stores (``n`` in [``min_k``, ``top_k``]) is chosen per packed sample: with a byte budget
+(``bytes_per_token`` > 0) the sample's rows share ``bytes_per_token × rows`` bytes (the index included), and each
+extra id goes where it lowers the reconstruction KL most (``allocate_counts``): a confident position keeps a few
+ids, a flat one many. ``bytes_per_token`` = 0 stores ``top_k`` ids in every row.
+
+Decoding rescales the stored probabilities so that they sum to exactly ``1 − tail``: the tail bucket is kept exact
+and the quantisation error stays among the stored ids. Decoded rows are padded to a common width with id −1 and
+log-probability −inf (``ops.losses.sparse_logit_losses`` skips those slots).
 """
 
 from __future__ import annotations
@@ -40,12 +48,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ..files import sha256_file
 
-VERSION = 1
-MAGIC = b"MSTCAP01"
+VERSION = 2
+MAGIC = b"MSTCAP02"
+MAGIC_PREFIX = b"MSTCAP"
 CAPTURE_FILE = "capture.json"
 SHARD_SUFFIX = ".cap"
+INDEX_BYTES = 6  # per row: its int32 position and its uint16 count
+PAD_ID = -1
 
 
 class CaptureError(ValueError):
@@ -54,109 +66,199 @@ class CaptureError(ValueError):
 
 @dataclass(frozen=True)
 class Compression:
-    """Knobs of the row encoding (``capture-teacher --top-k --exact-k --quant-bits``)."""
+    """Knobs of the row encoding (``capture-teacher --top-k --min-k --bytes-per-token --exact-k --quant-bits``):
+    at most ``top_k`` and at least ``min_k`` ids a row, ``bytes_per_token`` the average budget of a sample's rows
+    with their index (0: every row ``top_k`` ids), ``exact_k`` largest log-probs as bf16, the rest
+    ``quant_bits``-bit codes; ``id_bits`` = ⌈log2 vocabulary⌉."""
 
-    k: int = 64
-    exact_k: int = 4
+    top_k: int = 256
+    min_k: int = 4
+    bytes_per_token: float = 192.0
+    exact_k: int = 2
     quant_bits: int = 4
     id_bits: int = 18
 
     def __post_init__(self):
-        if not 1 <= self.k:
-            raise ValueError(f"top-k must be >= 1, got {self.k}")
-        if not 1 <= self.exact_k <= self.k:
-            raise ValueError(f"exact-k must be in [1, top-k={self.k}], got {self.exact_k}")
+        if not 2 <= self.top_k < 1 << 16:
+            raise ValueError(f"top-k must be in [2, 65535], got {self.top_k}")
+        if not 1 <= self.exact_k < self.top_k:
+            raise ValueError(f"exact-k must be in [1, top-k={self.top_k}), got {self.exact_k}")
+        if not self.exact_k < self.min_k <= self.top_k:
+            raise ValueError(f"min-k must be in (exact-k={self.exact_k}, top-k={self.top_k}], got {self.min_k}")
         if not 1 <= self.quant_bits <= 16:
             raise ValueError(f"quant-bits must be in [1, 16], got {self.quant_bits}")
         if not 1 <= self.id_bits <= 32:
             raise ValueError(f"id-bits must be in [1, 32], got {self.id_bits}")
+        if self.bytes_per_token and self.bytes_per_token < self.row_bytes(self.min_k) + INDEX_BYTES:
+            raise ValueError(f"bytes-per-token {self.bytes_per_token} is below a row of min-k={self.min_k} ids "
+                             f"({self.row_bytes(self.min_k) + INDEX_BYTES} B with its index)")
 
     @staticmethod
     def for_vocab(vocab_size: int, **knobs) -> "Compression":
         return Compression(id_bits=max(1, math.ceil(math.log2(vocab_size))), **knobs)
 
     @property
-    def quantised(self) -> int:
-        return self.k - self.exact_k
+    def head_bits(self) -> int:
+        return 32 + 16 * self.exact_k + 16
 
     @property
-    def row_bytes(self) -> int:
-        ids = _packed_bytes(self.k * self.id_bits)
-        floor = 2 if self.quantised else 0
-        return ids + 2 * self.exact_k + floor + _packed_bytes(self.quantised * self.quant_bits) + 4
+    def id_cost_bits(self) -> int:
+        """Bits of one more stored id: the id and its code."""
+        return self.id_bits + self.quant_bits
+
+    def row_bits(self, count):
+        return self.head_bits + count * self.id_bits + (count - self.exact_k - 1) * self.quant_bits
+
+    def row_bytes(self, count):
+        return (self.row_bits(count) + 7) // 8
 
 
-def _packed_bytes(bits: int) -> int:
-    return (bits + 7) // 8
+def allocate_counts(logprobs: torch.Tensor, log_tail: torch.Tensor, c: Compression, vocab_size: int) -> np.ndarray:
+    """How many ids each row of one packed sample stores: [n, top_k] log-probabilities by descending probability
+    and the log mass beyond them [n] → counts int64 [n].
+
+    Storing the (j+1)-th id of a row lowers its reconstruction KL (the tail spread evenly over the unstored ids)
+    by g_j = p_j log p_j − T_j log(T_j / (V − j)) + T_{j+1} log(T_{j+1} / (V − j − 1)), T_j the mass beyond the
+    first j. With a budget, the extra ids (beyond ``min_k``) with the largest gains are kept, as many as the
+    sample's bytes allow; each row's gains are made non-increasing (a running minimum) so that the kept ids of a
+    row are its most probable ones."""
+    n, k = logprobs.shape
+    counts = np.full(n, c.top_k, dtype=np.int64)
+    if not c.bytes_per_token or n == 0:
+        return counts
+    lp = logprobs.double().cpu()
+    p = lp.exp()
+    beyond = log_tail.double().cpu().exp().unsqueeze(-1)
+    tails = torch.cat([p.flip(-1).cumsum(-1).flip(-1), torch.zeros(n, 1, dtype=torch.float64)], -1) + beyond
+    rest = vocab_size - torch.arange(k + 1, dtype=torch.float64)
+
+    def spread(t, r):  # T log(T / r), 0 when T = 0 or nothing is left to spread over
+        return torch.where((t > 0) & (r > 0), t * torch.log(t.clamp_min(1e-300) / r.clamp_min(1)), 0.0)
+
+    gains = torch.where(p > 0, p * lp, 0.0) - spread(tails[:, :-1], rest[:-1]) + spread(tails[:, 1:], rest[1:])
+    gains = torch.cummin(gains[:, c.min_k:], dim=-1).values
+    budget_bits = n * (c.bytes_per_token - INDEX_BYTES) * 8 - n * (c.row_bits(c.min_k) + 4)  # ≈4 bits of padding
+    extra = int(min(max(budget_bits // c.id_cost_bits, 0), gains.numel()))
+    order = np.argsort(-gains.reshape(-1).numpy(), kind="stable")[:extra]
+    counts[:] = c.min_k
+    np.add.at(counts, order // gains.shape[1], 1)
+    return counts
 
 
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """[n, m] non-negative ints → [n, ⌈m·bits/8⌉] uint8, each value ``bits`` bits little-endian."""
+def _bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """[n, m] non-negative ints → [n, m·bits] 0/1 uint8, each value ``bits`` bits little-endian."""
     n, m = values.shape
-    planes = ((values.astype(np.uint64)[..., None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(n, m * bits), axis=1, bitorder="little")
+    wide = np.uint64 if bits > 32 else np.uint32
+    planes = (values.astype(wide)[..., None] >> np.arange(bits, dtype=wide)) & 1
+    return planes.astype(np.uint8).reshape(n, m * bits)
 
 
-def _unpack(packed: np.ndarray, m: int, bits: int) -> np.ndarray:
-    n = packed.shape[0]
-    planes = np.unpackbits(packed, axis=1, count=m * bits, bitorder="little").reshape(n, m, bits)
-    return (planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(-1)
+def _from_bits(planes: np.ndarray, m: int, bits: int) -> np.ndarray:
+    n = planes.shape[0]
+    return (planes.reshape(n, m, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(-1)
 
 
-def _bf16_bytes(x: torch.Tensor) -> np.ndarray:
-    return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(x.shape[0], -1)
+def _bf16_bits(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.int64)
 
 
-def _from_bf16_bytes(raw: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16).to(torch.float32)
+def _from_bf16(raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(raw.astype(np.uint16).view(np.int16)).view(torch.bfloat16).to(torch.float32)
 
 
-def encode_rows(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, c: Compression) -> np.ndarray:
-    """[n, k] ids and log-probabilities sorted by descending probability, [n] log tail mass → [n, row_bytes]."""
-    n = ids.shape[0]
-    if ids.shape != (n, c.k) or logprobs.shape != (n, c.k) or log_tail.shape != (n,):
+def _sections(c: Compression, counts: np.ndarray, width: int) -> tuple[list[int], np.ndarray]:
+    """Widths of the padded sections (head, ids, codes, byte padding) and which of their bits each row uses."""
+    counts = np.asarray(counts, dtype=np.int64)
+    widths = [c.head_bits, width * c.id_bits, (width - c.exact_k - 1) * c.quant_bits, 7]
+    used = [np.full_like(counts, c.head_bits), counts * c.id_bits, (counts - c.exact_k - 1) * c.quant_bits,
+            -c.row_bits(counts) % 8]
+    keep = np.concatenate([np.arange(w)[None, :] < u[:, None] for w, u in zip(widths, used)], axis=1)
+    return widths, keep
+
+
+ENCODE_CHUNK_ROWS = 1024
+
+
+def encode_rows(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, counts: np.ndarray,
+                c: Compression) -> np.ndarray:
+    """[n, K] ids and log-probabilities sorted by descending probability, [n] log mass beyond all K, [n] ids to
+    store per row (≤ K) → the rows' bytes, concatenated (row i is ``c.row_bytes(counts[i])`` bytes). The tail of
+    a row is the mass beyond its own ``counts[i]`` ids."""
+    n, k = ids.shape
+    counts = np.asarray(counts, dtype=np.int64)
+    if logprobs.shape != (n, k) or log_tail.shape != (n,) or counts.shape != (n,):
         raise ValueError(f"encode_rows: ids {tuple(ids.shape)}, logprobs {tuple(logprobs.shape)}, tail "
-                         f"{tuple(log_tail.shape)} for k={c.k}")
+                         f"{tuple(log_tail.shape)}, counts {counts.shape}")
+    if n and not (c.exact_k < counts.min() and counts.max() <= min(k, c.top_k)):
+        raise ValueError(f"row counts must be in ({c.exact_k}, {min(k, c.top_k)}], got [{counts.min()}, "
+                         f"{counts.max()}]")
     if n and int(ids.max()) >= 1 << c.id_bits:
         raise ValueError(f"token id {int(ids.max())} does not fit in {c.id_bits} bits")
-    logprobs = logprobs.float().cpu()
-    parts = [_pack(ids.cpu().numpy(), c.id_bits), _bf16_bytes(logprobs[:, :c.exact_k])]
-    if c.quantised:
-        anchor = logprobs[:, c.exact_k - 1].to(torch.bfloat16).float()
-        floor = torch.minimum(logprobs[:, -1], anchor).to(torch.bfloat16).float()
-        span = (anchor - floor).unsqueeze(-1)
-        levels = (1 << c.quant_bits) - 1
-        frac = ((anchor.unsqueeze(-1) - logprobs[:, c.exact_k:]) / span.clamp_min(1e-30)).clamp(0, 1)
-        codes = torch.round(frac * levels).to(torch.int64)
-        parts += [_bf16_bytes(floor.unsqueeze(-1)), _pack(codes.numpy(), c.quant_bits)]
-    parts.append(log_tail.float().cpu().numpy().astype("<f4").view(np.uint8).reshape(n, 4))
-    return np.concatenate(parts, axis=1)
+    return np.concatenate([_encode_chunk(ids[a:a + ENCODE_CHUNK_ROWS], logprobs[a:a + ENCODE_CHUNK_ROWS],
+                                         log_tail[a:a + ENCODE_CHUNK_ROWS], counts[a:a + ENCODE_CHUNK_ROWS], c)
+                           for a in range(0, n, ENCODE_CHUNK_ROWS)] or [np.zeros(0, np.uint8)])
 
 
-def decode_rows(rows: np.ndarray, c: Compression) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[n, row_bytes] → (ids int64 [n, k], log-probabilities float32 [n, k] rescaled to sum 1 − tail, log tail
-    mass float32 [n])."""
-    rows = np.asarray(rows)
-    if rows.ndim != 2 or rows.shape[1] != c.row_bytes:
-        raise ValueError(f"rows of {rows.shape} bytes, expected [n, {c.row_bytes}]")
-    at = _packed_bytes(c.k * c.id_bits)
-    ids = torch.from_numpy(_unpack(rows[:, :at], c.k, c.id_bits))
-    exact = _from_bf16_bytes(rows[:, at:at + 2 * c.exact_k])
-    at += 2 * c.exact_k
-    logprobs = exact
-    if c.quantised:
-        floor = _from_bf16_bytes(rows[:, at:at + 2])[:, 0]
-        at += 2
-        nbytes = _packed_bytes(c.quantised * c.quant_bits)
-        codes = torch.from_numpy(_unpack(rows[:, at:at + nbytes], c.quantised, c.quant_bits)).float()
-        at += nbytes
-        anchor = exact[:, -1]
-        rest = anchor.unsqueeze(-1) - (anchor - floor).unsqueeze(-1) * codes / ((1 << c.quant_bits) - 1)
-        logprobs = torch.cat([exact, rest], dim=1)
-    log_tail = torch.from_numpy(np.ascontiguousarray(rows[:, at:at + 4]).view("<f4")[:, 0].astype(np.float32))
-    # Keep the tail exact: the k stored probabilities carry exactly 1 − tail.
-    head = torch.log(-torch.expm1(log_tail.double())).float()  # log(1 − tail)
-    logprobs = logprobs - torch.logsumexp(logprobs, -1, keepdim=True) + head.unsqueeze(-1)
+def _encode_chunk(ids, logprobs, log_tail, counts, c: Compression) -> np.ndarray:
+    n = ids.shape[0]
+    width = int(counts.max())
+    every = logprobs.double().cpu()
+    kept = torch.arange(every.shape[1]).unsqueeze(0) < torch.from_numpy(counts).unsqueeze(-1)
+    # the row's own tail: the mass beyond all K plus that of the ids it does not keep
+    tail = torch.logaddexp(log_tail.double().cpu(), torch.logsumexp(every.masked_fill(kept, -math.inf), -1))
+    lp, mask = every[:, :width], kept[:, :width]
+    last = torch.from_numpy(counts - 1).unsqueeze(-1)
+    anchor = lp[:, c.exact_k - 1].to(torch.bfloat16).double()
+    floor = torch.minimum(lp.gather(-1, last).squeeze(-1), anchor).to(torch.bfloat16).double()
+    span = (anchor - floor).unsqueeze(-1).clamp_min(1e-30)
+    levels = (1 << c.quant_bits) - 1
+    middle = lp[:, c.exact_k:width - 1] if width > c.exact_k + 1 else lp[:, :0]
+    codes = torch.round(((anchor.unsqueeze(-1) - middle) / span).clamp(0, 1).nan_to_num(0.0) * levels)
+    tail_bits = tail.float().numpy().astype("<f4").view("<u4").astype(np.int64)
+    head = np.concatenate([_bits(tail_bits[:, None], 32), _bits(_bf16_bits(lp[:, :c.exact_k].float()), 16),
+                           _bits(_bf16_bits(floor.float())[:, None], 16)], axis=1)
+    id_part = torch.where(mask, ids[:, :width].cpu(), 0).numpy()
+    widths, keep = _sections(c, counts, width)
+    full = np.concatenate([head, _bits(id_part, c.id_bits), _bits(codes.to(torch.int64).numpy(), c.quant_bits),
+                           np.zeros((n, 7), np.uint8)], axis=1)
+    return np.packbits(full[keep], bitorder="little")
+
+
+def decode_rows(data: np.ndarray, counts: np.ndarray, c: Compression,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bytes of consecutive rows and their counts → (ids int64 [n, width], log-probabilities float32 [n, width]
+    rescaled to sum 1 − tail, log tail mass float32 [n]); ``width`` defaults to the largest count, slots beyond a
+    row's count hold id −1 and log-probability −inf."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = len(counts)
+    width = int(counts.max(initial=c.exact_k + 1)) if width is None else width
+    nbytes = int(c.row_bytes(counts).sum())
+    if np.asarray(data).shape != (nbytes,):
+        raise ValueError(f"{np.asarray(data).shape} bytes for rows of {nbytes}")
+    if n and not (c.exact_k < counts.min() and counts.max() <= width):
+        raise ValueError(f"row counts must be in ({c.exact_k}, {width}], got [{counts.min()}, {counts.max()}]")
+    widths, keep = _sections(c, counts, width)
+    full = np.zeros(keep.shape, np.uint8)
+    full[keep] = np.unpackbits(np.asarray(data, dtype=np.uint8), bitorder="little")
+    head, id_part, code_part, _ = np.split(full, np.cumsum(widths)[:-1], axis=1)
+    log_tail = torch.from_numpy(_from_bits(head[:, :32], 1, 32)[:, 0].astype("<u4").view("<f4").astype(np.float32))
+    exact = _from_bf16(_from_bits(head[:, 32:32 + 16 * c.exact_k], c.exact_k, 16))
+    floor = _from_bf16(_from_bits(head[:, 32 + 16 * c.exact_k:], 1, 16))[:, 0]
+    ids = torch.from_numpy(_from_bits(id_part, width, c.id_bits))
+    codes = torch.from_numpy(_from_bits(code_part, width - c.exact_k - 1, c.quant_bits)).float()
+    anchor = exact[:, -1]
+    middle = anchor.unsqueeze(-1) - (anchor - floor).unsqueeze(-1) * codes / ((1 << c.quant_bits) - 1)
+    logprobs = torch.cat([exact, middle, floor.unsqueeze(-1)], dim=1)
+    # the floor belongs at each row's last slot, which the fixed-width layout put at the end
+    last = torch.from_numpy(counts - 1)
+    rows = torch.arange(n)
+    logprobs[rows, last] = floor
+    valid = torch.arange(width).unsqueeze(0) < last.unsqueeze(-1) + 1
+    logprobs = logprobs.masked_fill(~valid, -math.inf)
+    ids = ids.masked_fill(~valid, PAD_ID)
+    # Keep the tail exact: the stored probabilities carry exactly 1 − tail.
+    head_mass = torch.log(-torch.expm1(log_tail.double())).float()  # log(1 − tail)
+    logprobs = logprobs - torch.logsumexp(logprobs, -1, keepdim=True) + head_mass.unsqueeze(-1)
     return ids, logprobs, log_tail
 
 
@@ -200,24 +302,25 @@ def shard_path(root: Path, split: str, shard: int) -> Path:
     return Path(root) / split / f"shard_{shard:05d}{SHARD_SUFFIX}"
 
 
-def write_shard(path: Path, header: dict, offsets: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> None:
+def write_shard(path: Path, header: dict, offsets: np.ndarray, byte_offsets: np.ndarray, positions: np.ndarray,
+                counts: np.ndarray, data: np.ndarray) -> None:
     """Write one shard atomically (``.tmp`` then rename)."""
-    header = {**header, "rows": int(len(positions)), "samples": int(len(offsets) - 1)}
+    header = {**header, "rows": int(len(positions)), "samples": int(len(offsets) - 1), "bytes": int(len(data))}
     raw = json.dumps(header, sort_keys=True).encode()
     raw += b" " * (-(len(raw) + 16) % 8)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
-        f.write(np.asarray(offsets, dtype="<i8").tobytes())
-        f.write(np.asarray(positions, dtype="<i4").tobytes())
-        f.write(np.ascontiguousarray(rows, dtype=np.uint8).tobytes())
+        for array, dtype in ((offsets, "<i8"), (byte_offsets, "<i8"), (positions, "<i4"), (counts, "<u2"),
+                             (data, np.uint8)):
+            f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 class Shard:
-    """A memory-mapped shard; ``sample(i)`` gives (positions, rows) of the shard's i-th sample."""
+    """A memory-mapped shard; ``sample(i)`` gives (positions, counts, row bytes) of the shard's i-th sample."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -226,43 +329,65 @@ class Shard:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(16)
-            if len(head) < 16 or head[:8] != MAGIC:
+            if len(head) < 16 or head[:6] != MAGIC_PREFIX:
                 raise CaptureError(f"{self.path}: not a capture shard (bad magic) or truncated")
+            if head[:8] != MAGIC:
+                raise CaptureError(f"{self.path}: capture shard format {head[6:8].decode(errors='replace')}, this "
+                                   f"reader understands {MAGIC[6:].decode()} (recapture with this version)")
             (length,) = struct.unpack("<Q", head[8:])
             try:
                 self.header = json.loads(f.read(length))
             except ValueError as e:
                 raise CaptureError(f"{self.path}: unreadable header ({e}); the file is truncated or damaged") from e
-        self.compression = Compression(**self.header["compression"])
-        n, rows = self.header["samples"], self.header["rows"]
-        start = 16 + length
-        expected = start + 8 * (n + 1) + 4 * rows + rows * self.compression.row_bytes
+        try:
+            self.compression = Compression(**self.header["compression"])
+            n, rows, nbytes = self.header["samples"], self.header["rows"], self.header["bytes"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CaptureError(f"{self.path}: header without valid samples/rows/bytes/compression ({e})") from e
+        at = 16 + length
+        expected = at + 16 * (n + 1) + 6 * rows + nbytes
         if size != expected:
             raise CaptureError(f"{self.path}: {size} bytes, the header describes {expected}; the file is truncated "
                                "or damaged (delete it and rerun capture-teacher to redo it)")
-        self.offsets = np.memmap(self.path, dtype="<i8", mode="r", offset=start, shape=(n + 1,))
-        self.positions = np.memmap(self.path, dtype="<i4", mode="r", offset=start + 8 * (n + 1), shape=(rows,))
-        self.rows = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start + 8 * (n + 1) + 4 * rows,
-                              shape=(rows, self.compression.row_bytes))
+        arrays = {}
+        for name, dtype, count in (("offsets", "<i8", n + 1), ("byte_offsets", "<i8", n + 1),
+                                   ("positions", "<i4", rows), ("counts", "<u2", rows), ("data", np.uint8, nbytes)):
+            arrays[name] = np.memmap(self.path, dtype=dtype, mode="r", offset=at, shape=(count,))
+            at += count * np.dtype(dtype).itemsize
+        self.offsets, self.byte_offsets = arrays["offsets"], arrays["byte_offsets"]
+        self.positions, self.counts, self.data = arrays["positions"], arrays["counts"], arrays["data"]
 
-    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return np.array(self.positions[a:b]), np.array(self.rows[a:b])
+        x, y = int(self.byte_offsets[i]), int(self.byte_offsets[i + 1])
+        counts = np.array(self.counts[a:b], dtype=np.int64)
+        if y - x != int(self.compression.row_bytes(counts).sum()):
+            raise CaptureError(f"{self.path}: sample {i} has {y - x} bytes for rows of "
+                               f"{int(self.compression.row_bytes(counts).sum())}; the file is damaged")
+        return np.array(self.positions[a:b]), counts, np.array(self.data[x:y])
 
 
 class CaptureReader:
     """Rows of a capture by (split, sample index, position), with the checks a training run needs: the
-    capture's vocabulary and the prepared data it was made from (pass what you expect; None skips a check)."""
+    capture's vocabulary and the prepared data it was made from (pass what you expect; None skips a check).
+
+    A training step asks :meth:`micro_batch` for the rows of the packed samples it drew (any TP/DP layout, any
+    order): dense per-position tensors that go straight to ``ops.losses.sparse_logit_losses``."""
 
     def __init__(self, root: str | os.PathLike, *, vocab_hash: str | None = None, data: dict | None = None):
         self.root = Path(root)
         header_path = self.root / CAPTURE_FILE
+        if not self.root.is_dir():
+            raise CaptureError(f"{self.root}: no such capture directory")
         if not header_path.is_file():
             raise CaptureError(f"{header_path}: no capture here (run megatron-student capture-teacher)")
-        self.header = json.loads(header_path.read_text())
+        try:
+            self.header = json.loads(header_path.read_text())
+        except ValueError as e:
+            raise CaptureError(f"{header_path}: unreadable ({e})") from e
         if self.header.get("version") != VERSION:
-            raise CaptureError(f"{header_path}: capture version {self.header.get('version')}, this reader "
-                               f"understands {VERSION}")
+            raise CaptureError(f"{header_path}: capture format version {self.header.get('version')}, this reader "
+                               f"understands {VERSION} (recapture with this version of capture-teacher)")
         if vocab_hash is not None and self.header["vocab_sha256"] != vocab_hash:
             raise CaptureError(f"{header_path}: captured with another vocabulary (hash "
                                f"{self.header['vocab_sha256'][:12]}…, expected {vocab_hash[:12]}…)")
@@ -274,6 +399,7 @@ class CaptureReader:
                     raise CaptureError(f"{header_path}: split {split!r} does not match the prepared data it was "
                                        f"captured from (differing files: {', '.join(changed) or 'the split'})")
         self.compression = Compression(**self.header["compression"])
+        self.vocab_size = int(self.header["vocab_size"])
         self.samples_per_shard = int(self.header["samples_per_shard"])
         self._shards: dict[tuple[str, int], Shard] = {}
 
@@ -282,24 +408,25 @@ class CaptureReader:
         if key not in self._shards:
             shard = Shard(shard_path(self.root, split, index))
             for name in ("teacher", "vocab_sha256", "compression", "version"):
-                if shard.header[name] != self.header[name]:
+                if shard.header.get(name) != self.header[name]:
                     raise CaptureError(f"{shard.path}: header {name!r} differs from {self.root / CAPTURE_FILE}")
             self._shards[key] = shard
         return self._shards[key]
 
-    def sample(self, split: str, sample: int) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(positions int32 [r], decoded (ids, log-probabilities, log tail)) of one sample."""
+    def sample(self, split: str, sample: int,
+               width: int | None = None) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(positions int32 [r], decoded (ids, log-probabilities, log tail) of ``decode_rows``) of one sample."""
         total = self.header["splits"].get(split, {}).get("samples")
         if total is None or not 0 <= sample < total:
             raise CaptureError(f"{self.root / CAPTURE_FILE}: no sample {sample} of split {split!r} "
                                f"({total or 0} captured)")
         shard = self.shard(split, sample // self.samples_per_shard)
-        positions, rows = shard.sample(sample % self.samples_per_shard)
-        return positions, decode_rows(rows, self.compression)
+        positions, counts, data = shard.sample(sample % self.samples_per_shard)
+        return positions, decode_rows(data, counts, self.compression, width)
 
-    def rows_at(self, split: str, sample: int, positions: np.ndarray):
+    def rows_at(self, split: str, sample: int, positions: np.ndarray, width: int | None = None):
         """Decoded rows of ``positions`` of one sample; a position that was not captured is an error."""
-        stored, (ids, logprobs, log_tail) = self.sample(split, sample)
+        stored, (ids, logprobs, log_tail) = self.sample(split, sample, width)
         where = {int(p): i for i, p in enumerate(stored)}
         missing = [int(p) for p in positions if int(p) not in where]
         if missing:
@@ -307,6 +434,35 @@ class CaptureReader:
             raise CaptureError(f"{path}: sample {sample} has no row for positions {missing[:8]}")
         pick = torch.tensor([where[int(p)] for p in positions], dtype=torch.long)
         return ids[pick], logprobs[pick], log_tail[pick]
+
+    def micro_batch(self, split: str, samples, seq_len: int, required: torch.Tensor | None = None):
+        """The teacher of packed samples ``samples`` (dataset indices, in micro-batch order) at every position of
+        a [len(samples) · seq_len] micro-batch: (ids int64 [B·S, top_k], log-probabilities float32 [B·S, top_k],
+        log tail float32 [B·S], stored bool [B·S]). Unstored positions hold padding (id −1, −inf) and tail 0;
+        give them loss weight 0. ``required`` [B·S] bool (e.g. ``targets != -100``): a required position without
+        a row is an error naming the shard."""
+        k = self.compression.top_k
+        n = len(samples) * seq_len
+        ids = torch.full((n, k), PAD_ID, dtype=torch.int64)
+        logprobs = torch.full((n, k), -math.inf, dtype=torch.float32)
+        log_tail = torch.zeros(n, dtype=torch.float32)
+        stored = torch.zeros(n, dtype=torch.bool)
+        for b, sample in enumerate(samples):
+            positions, (i, lp, t) = self.sample(split, int(sample), width=k)
+            if len(positions) and (positions.min() < 0 or positions.max() >= seq_len):
+                raise CaptureError(f"{shard_path(self.root, split, int(sample) // self.samples_per_shard)}: sample "
+                                   f"{sample} has positions outside [0, {seq_len}): captured at another seq_len")
+            at = torch.from_numpy(positions.astype(np.int64)) + b * seq_len
+            ids[at], logprobs[at], log_tail[at], stored[at] = i, lp, t, True
+        if required is not None:
+            missing = (required.reshape(-1).cpu() & ~stored).nonzero().squeeze(-1)
+            if len(missing):
+                b, pos = divmod(int(missing[0]), seq_len)
+                sample = int(samples[b])
+                raise CaptureError(f"{shard_path(self.root, split, sample // self.samples_per_shard)}: sample "
+                                   f"{sample} has no row for trained position {pos} ({len(missing)} missing in "
+                                   "this micro-batch); the capture stored other positions (--all-positions?)")
+        return ids, logprobs, log_tail, stored
 
 
 def header_dict(compression: Compression, **fields) -> dict:

@@ -426,9 +426,10 @@ def _sparse_chunk_losses(student: torch.Tensor, ids: torch.Tensor, logprobs: tor
     world = 1 if shard.group is None else dist.get_world_size(shard.group)
     s = student[:, :shard.valid].to(cdtype)
     n, k = ids.shape
-    rest_ids = shard.vocab - k  # ids outside the stored top-k; without them there is no tail bucket
+    valid = ids >= 0  # id −1: a padding slot of a row that stores fewer ids
+    rest_ids = shard.vocab - valid.sum(-1)  # ids outside each row's stored ones; none: no tail bucket
     local = ids - shard.start
-    here = (local >= 0) & (local < shard.valid)
+    here = valid & (local >= 0) & (local < shard.valid)
     local = local.clamp(0, max(shard.valid - 1, 0))
     stored = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
     rows = torch.arange(n, device=s.device).unsqueeze(-1).expand(n, k)
@@ -442,19 +443,21 @@ def _sparse_chunk_losses(student: torch.Tensor, ids: torch.Tensor, logprobs: tor
         picked = (log_q.gather(-1, local) if shard.valid else log_q.new_zeros(n, k)).masked_fill(~here, 0.0)
         if shard.group is not None:
             picked = dist_nn.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
+        picked = picked.masked_fill(~valid, -math.inf)
         # The teacher's tempered partition: its tail mass is taken as spread evenly over the other ids (the
         # reconstruction the capture documents), so p_tail(T) = n·(p_tail/n)^(1/T) before normalising.
-        log_p = teacher / T
+        log_p = (teacher / T).masked_fill(~valid, -math.inf)
         log_q_parts = picked
-        if rest_ids > 0:
+        if bool((rest_ids > 0).any()):
             tail_q = torch.exp(log_q).masked_fill(stored, 0.0).sum(-1)
             if shard.group is not None:
                 tail_q = dist_nn.all_reduce(tail_q, op=dist.ReduceOp.SUM, group=shard.group)
             positive = tail_q > 0
             log_tail_q = torch.where(positive, torch.log(torch.where(positive, tail_q, torch.ones_like(tail_q))),
                                      torch.full_like(tail_q, -math.inf))
-            log_n = math.log(rest_ids)
-            log_p = torch.cat([log_p, ((teacher_tail - log_n) / T + log_n).unsqueeze(-1)], -1)
+            log_n = torch.log(rest_ids.clamp_min(1).to(cdtype))
+            tempered_tail = torch.where(rest_ids > 0, (teacher_tail - log_n) / T + log_n, -math.inf)
+            log_p = torch.cat([log_p, tempered_tail.unsqueeze(-1)], -1)
             log_q_parts = torch.cat([picked, log_tail_q.unsqueeze(-1)], -1)
         log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
         p_mask, q_mask = torch.isfinite(log_p), torch.isfinite(log_q_parts)
@@ -516,7 +519,8 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
                         chunk_size: int = 512) -> torch.Tensor:
     """``Σ_t w_t · ℓ_t`` for each of ``losses`` against a stored (offline) teacher; returns [K].
 
-    The teacher is its top-k ``teacher_ids`` [..., k] (global ids, distinct, below ``vocab_size``) with their
+    The teacher is its top-k ``teacher_ids`` [..., k] (global ids, distinct, below ``vocab_size``; −1 marks a
+    padding slot of a row that stores fewer, whose log-probability is −inf) with their
     temperature-1 log-probabilities ``teacher_logprobs`` [..., k] and the log tail mass ``teacher_log_tail``
     [...] (−inf when k is the whole vocabulary). Both models are compared on the partition {each stored id} ∪
     {tail}: the student's tail is 1 − Σ of its probabilities on the stored ids (summed directly over the other
@@ -544,8 +548,9 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
         raise ValueError(f"teacher tail {tuple(teacher_log_tail.shape)} must be {tuple(lead)}")
     weights = _per_loss_weights(weights, lead, len(specs))
     shard = _vocab_shard(local_vocab, vocab_size, tp_group)
-    if k > shard.vocab or bool(((teacher_ids < 0) | (teacher_ids >= shard.vocab)).any()):
-        raise ValueError(f"teacher ids must be {k} ≤ {shard.vocab} distinct ids in [0, {shard.vocab})")
+    if k > shard.vocab or bool(((teacher_ids < -1) | (teacher_ids >= shard.vocab)).any()):
+        raise ValueError(f"teacher ids must be {k} ≤ {shard.vocab} distinct ids in [0, {shard.vocab}) or -1 "
+                         "(padding)")
     return _ChunkedSparseLosses.apply(
         student_logits.reshape(-1, local_vocab), teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
         teacher_log_tail.detach().reshape(-1), weights.detach().reshape(len(specs), -1), specs, shard, chunk_size)

@@ -47,12 +47,20 @@ class StudentSection:
 
 @dataclass
 class TeacherSection:
-    """The online teacher, co-located on the student's ranks with the same TP/EP, run under no_grad.
-    ``path``: an HF gpt-oss directory or a converted Megatron teacher checkpoint (auto-detected).
-    ``dtype``: auto = bf16 on GPU, fp32 on CPU."""
+    """A teacher. ``kind: online`` (the default): co-located on the student's ranks with the same TP/EP, run under
+    no_grad; ``path`` an HF gpt-oss directory or a converted Megatron teacher checkpoint (auto-detected);
+    ``dtype``: auto = bf16 on GPU, fp32 on CPU. ``kind: offline``: ``path`` a ``capture-teacher`` output
+    directory; no teacher model in memory, the sparse logit losses on its stored ids and tail
+    (``ops.losses.sparse_logit_losses``: forward_kl, reverse_kl, jsd, tvd); no activations, so no hidden-state or
+    attention alignment. In a ``teachers:`` list, ``weight`` scales this teacher's logit losses and ``losses``
+    (default: ``losses.logits`` without ``ce``) are its own; ``ce`` is teacher-free and belongs in
+    ``losses.logits``."""
 
+    kind: Literal["online", "offline"] = "online"
     path: str = ""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    weight: float = 1.0
+    losses: list[LogitLossItem] | None = None
 
 
 @dataclass
@@ -250,6 +258,7 @@ class TrainConfig:
     seed: int = 1234
     student: StudentSection = field(default_factory=StudentSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    teachers: list[TeacherSection] = field(default_factory=list)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -271,6 +280,16 @@ class TrainConfig:
 
     def logit_losses(self) -> list[LogitLoss]:
         return [LogitLoss(item.kind, item.temperature, item.beta) for item in self.losses.logits]
+
+    def teacher_list(self) -> list[TeacherSection]:
+        """The stage's teachers: ``teachers`` when given, else the one ``teacher``."""
+        return list(self.teachers) if self.teachers else [self.teacher]
+
+    def teacher_losses(self, teacher: TeacherSection) -> list[tuple[LogitLoss, float]]:
+        """(loss, weight) of one teacher's logit losses: its own ``losses`` or ``losses.logits`` without ``ce``,
+        each weight times the teacher's ``weight``."""
+        items = teacher.losses if teacher.losses is not None else [i for i in self.losses.logits if i.kind != "ce"]
+        return [(LogitLoss(i.kind, i.temperature, i.beta), i.weight * teacher.weight) for i in items]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,7 +387,6 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.steps >= 1, src, "steps", f"must be >= 1, got {config.steps}")
     _check((config.student.hf is None) != (config.student.megatron is None), src, "student",
            "set exactly one of student.hf (HF student dir) or student.megatron (Megatron checkpoint)")
-    _check(bool(config.teacher.path), src, "teacher.path", "the online teacher's checkpoint is required")
     d = config.data
     _check(bool(d.path), src, "data.path", "a prepare-data output directory is required")
     for key in ("seq_len", "micro_batch", "global_batch"):
@@ -413,6 +431,7 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{src}: {where}: {e}") from e
     kinds = [item.kind for item in losses.logits]
     _check(len(set(kinds)) == len(kinds), src, "losses.logits", f"each kind at most once, got {kinds}")
+    _validate_teachers(config, src)
     for name, section in (("hidden", losses.hidden), ("attention", losses.attention)):
         _check(section.weight >= 0, src, f"losses.{name}.weight", f"must be >= 0, got {section.weight}")
         _check(section.kind in ALIGNMENT_KINDS, src, f"losses.{name}.kind",
@@ -430,7 +449,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     else:
         _check(all(i >= 0 for i in losses.attention.layers), src, "losses.attention.layers",
                f"layer indices must be >= 0, got {losses.attention.layers}")
-    active = sum(item.weight for item in losses.logits) + losses.hidden.weight + losses.attention.weight
+    active = (sum(item.weight for item in losses.logits) + losses.hidden.weight + losses.attention.weight
+              + sum(w for t in config.teachers for _, w in config.teacher_losses(t)))
     _check(active > 0, src, "losses", "every loss weight is 0: nothing to train on")
     for key in ("final", "analysis", "other"):
         _check(getattr(losses.channels, key) >= 0, src, f"losses.channels.{key}", "must be >= 0")
@@ -462,6 +482,56 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.exit.duration_minutes >= 0, src, "exit.duration_minutes",
            f"must be >= 0 (0: no time budget), got {config.exit.duration_minutes}")
     return config
+
+
+def _validate_teachers(config: TrainConfig, src: str) -> None:
+    from ..ops.losses import SPARSE_KINDS
+
+    if config.teachers:
+        _check(config.teacher == TeacherSection(), src, "teacher",
+               "give either teacher (one) or teachers (a list), not both")
+        where = [f"teachers[{i}]" for i in range(len(config.teachers))]
+    else:
+        _check(config.teacher.weight == 1.0 and config.teacher.losses is None, src, "teacher",
+               "weight and losses are per-teacher settings of a teachers: list; one teacher uses losses.logits")
+        where = ["teacher"]
+    online = [w for w, t in zip(where, config.teacher_list()) if t.kind == "online"]
+    _check(len(online) <= 1, src, online[-1] if online else "teachers",
+           f"at most one online teacher shares the student's ranks (online: {', '.join(online)})")
+    for key, teacher in zip(where, config.teacher_list()):
+        what = "the online teacher's checkpoint" if teacher.kind == "online" else "a capture-teacher output directory"
+        _check(bool(teacher.path), src, f"{key}.path", f"{what} is required")
+        _check(teacher.weight >= 0, src, f"{key}.weight", f"must be >= 0, got {teacher.weight}")
+        own = teacher.losses is not None
+        items = teacher.losses if own else config.losses.logits
+        for i, item in enumerate(items):
+            path = f"{key}.losses[{i}]" if own else f"losses.logits[{i}]"
+            if item.kind == "ce" and not own:
+                continue  # teacher-free: counted once for the stage
+            _check(item.kind in LOGIT_LOSS_KINDS and item.kind != "ce", src, f"{path}.kind",
+                   f"{item.kind!r} is not a teacher loss (one of {[k for k in LOGIT_LOSS_KINDS if k != 'ce']}; "
+                   "ce is teacher-free: put it in losses.logits)")
+            _check(item.weight >= 0, src, f"{path}.weight", f"must be >= 0, got {item.weight}")
+            if teacher.kind == "offline":
+                _check(item.kind in SPARSE_KINDS, src, f"{path}.kind",
+                       f"{item.kind!r} is not defined for the offline teacher {key} (its stored top ids and tail "
+                       f"support {list(SPARSE_KINDS)})")
+            try:
+                LogitLoss(item.kind, item.temperature, item.beta)
+            except ValueError as e:
+                raise ConfigError(f"{src}: {path}: {e}") from e
+        if own:
+            kinds = [item.kind for item in teacher.losses]
+            _check(len(set(kinds)) == len(kinds), src, f"{key}.losses", f"each kind at most once, got {kinds}")
+        if teacher.kind == "offline":
+            _check((Path(teacher.path) / "capture.json").is_file(), src, f"{key}.path",
+                   f"{Path(teacher.path) / 'capture.json'}: no capture here (run megatron-student capture-teacher)")
+    for name, section in (("hidden", config.losses.hidden), ("attention", config.losses.attention)):
+        if section.weight > 0 and not online:
+            offline = [w for w, t in zip(where, config.teacher_list()) if t.kind == "offline"]
+            raise ConfigError(f"{src}: losses.{name}.weight: {section.weight} needs teacher activations, and the "
+                              f"offline teacher ({', '.join(offline)}) stores only its output distribution; set it "
+                              "to 0 or add an online teacher")
 
 
 def _regex(pattern: str, src: str, path: str) -> None:
