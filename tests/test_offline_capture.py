@@ -269,13 +269,15 @@ def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root):
     result = subprocess.run(cli(*capture_args(root, capture)), env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(root / "teacher"), "--split", "valid",
-                                "--samples", "256", "--bytes-per-token", "48", "--report", str(report)),
+                                "--samples", "256", "--bytes-per-token", "48", "--dtype", "bf16", "--report",
+                                str(report)),
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((report / "fidelity.json").read_text())["settings"]
     stored = next(v for name, v in table.items() if name.startswith("capture"))
-    # captured in bf16, checked in fp32: the same top-1, tails and KL up to bf16 forward noise
-    assert stored["top1"] > 0.97 and stored["tail_abs_error"] < 1e-2
+    # captured in bf16 and checked against the same bf16 teacher on the GPU: the stored rows are what the dense
+    # forward gives (an fp32 reference would flip top-1 on this random teacher's near-ties: 0.95 measured on H200)
+    assert stored["top1"] > 0.99 and stored["tail_abs_error"] < 1e-3
     fresh = table["ours 48 B budget"]
     assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 0.05 * fresh["kl_mean"]
 
