@@ -8,9 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from megatron_harness import hf_student
 
+from megatron_student.checkpoint import METADATA_KEY, MegatronCheckpoint, single_process_group
 from megatron_student.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
-from megatron_student.convert.common import METADATA_KEY, single_process_group
-from megatron_student.convert.megatron_to_hf import MegatronCheckpoint
 from megatron_student.teacher import TeacherConfigError, make_tiny_teacher
 
 
