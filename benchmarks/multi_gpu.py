@@ -299,10 +299,9 @@ def reshard(src: Path, dst: Path) -> None:
     import torch
     from megatron.core import dist_checkpointing
 
-    from megatron_student.convert.common import (METADATA_KEY, load_common_state, resolve_megatron_dir,
-                                                 single_process_group, verify_torch_dist)
+    from megatron_student.checkpoint import (METADATA_KEY, load_common_state, load_model, resolve_megatron_dir,
+                                             single_process_group, verify_torch_dist)
     from megatron_student.megatron import ParallelConfig, initialize_parallel
-    from megatron_student.train.trainer import load_model
 
     directory = resolve_megatron_dir(src)
     rows = verify_torch_dist(directory).state_dict_metadata["embedding.word_embeddings.weight"].size[0]

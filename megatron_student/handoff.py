@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from .convert.common import TRACKER_NAME, resolve_megatron_dir
+from .checkpoint import TRACKER_NAME, resolve_megatron_dir
 from .convert.megatron_to_hf import TOKENIZER_FILES
 from .files import sha256_file
 

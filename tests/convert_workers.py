@@ -8,7 +8,7 @@ import os
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_student.convert.common import METADATA_KEY, TRACKER_NAME, resolve_megatron_dir
+from megatron_student.checkpoint import METADATA_KEY, TRACKER_NAME, resolve_megatron_dir
 from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
                                        load_hf_weights, restore_fp32_parameters)
 from megatron_student.teacher import TeacherCheckpoint

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from megatron_harness import hf_student
 
 from megatron_student.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from megatron_student.convert.common import (
+from megatron_student.checkpoint import (
     METADATA_KEY,
     TRACKER_NAME,
     CheckpointFileError,
@@ -101,7 +101,7 @@ def test_extra_state_with_code_is_refused(megatron_dir, tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
-    from megatron_student.convert.megatron_to_hf import MegatronCheckpoint
+    from megatron_student.checkpoint import MegatronCheckpoint
 
     marker, source = tmp_path / "marker", MegatronCheckpoint(megatron_dir)
     state = {key: ShardedTensor.from_rank_offsets(key, source.get(key), replica_id=0) for key in source.tensors}

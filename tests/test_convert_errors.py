@@ -1,6 +1,7 @@
 """Every converter error stops the run with a message naming the tensor, field or file, and writes nothing."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from megatron_harness import hf_student
 
+from megatron_student.checkpoint import METADATA_KEY, MegatronCheckpoint, load_model, single_process_group
 from megatron_student.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
-from megatron_student.convert.common import METADATA_KEY, single_process_group
-from megatron_student.convert.megatron_to_hf import MegatronCheckpoint
+from megatron_student.megatron import ParallelConfig, initialize_parallel
 from megatron_student.teacher import TeacherConfigError, make_tiny_teacher
 
 
@@ -138,3 +139,23 @@ def test_megatron_checkpoint_errors(megatron_dir, tmp_path, edit, patterns):
     for pattern in patterns:
         assert pattern in str(info.value), str(info.value)
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda r: r.pop("layout"), "lacks fields ['layout']"),
+    (lambda r: r.update(origin="elsewhere"), "unknown fields ['origin']"),
+    (lambda r: r.update(format_version=2), "format_version 2; this version reads 1"),
+    (lambda r: r["layout"].pop("target_tp"), "record field 'layout'"),
+])
+def test_damaged_record_is_named_by_every_reader(megatron_dir, tmp_path, edit, pattern):
+    """The HF export and the trainer's loader read the checkpoint record through one reader: the same error,
+    naming the checkpoint's common.pt."""
+    bad = rewritten(megatron_dir, tmp_path / "bad", lambda t, r: edit(r))
+    expected = re.escape(f"{bad}/common.pt: ") + ".*" + re.escape(pattern)
+    with pytest.raises(ConversionError, match=expected):
+        convert_megatron_to_hf(bad, tmp_path / "hf")
+    with single_process_group():
+        parallel = ParallelConfig(params_dtype=torch.float32)
+        initialize_parallel(parallel)
+        with pytest.raises(ConversionError, match=expected):
+            load_model(bad, "student", parallel)

@@ -18,11 +18,11 @@ from transformers import GptOssConfig
 
 from megatron_harness import MIXED_PLAN, hf_student
 
+from megatron_student.checkpoint import (METADATA_KEY, VOCAB_DIVISIBLE_BY, LazyState, MegatronCheckpoint,
+                                         open_hf_checkpoint, resolve_megatron_dir, single_process_group)
 from megatron_student.convert import convert_hf_to_megatron
-from megatron_student.convert.common import METADATA_KEY, resolve_megatron_dir, single_process_group
-from megatron_student.convert.hf_to_megatron import (DTYPES, VOCAB_DIVISIBLE_BY, LazyState, open_hf_checkpoint,
-                                                     unit_of)
-from megatron_student.convert.megatron_to_hf import MegatronCheckpoint
+from megatron_student.convert.hf_to_megatron import unit_of
+from megatron_student.dtypes import DTYPES
 from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
                                        load_hf_weights, restore_fp32_parameters)
 from megatron_student.student.config import StudentConfig
@@ -40,12 +40,14 @@ def measure(convert):
     print(json.dumps({"bytes": result["bytes"], "seconds": result["seconds"], "grown": status("VmHWM") - before}))
 """
 IMPORT = PEAK_RSS + """
-from megatron_student.convert.hf_to_megatron import convert_hf_to_megatron, open_hf_checkpoint
+from megatron_student.checkpoint import open_hf_checkpoint
+from megatron_student.convert.hf_to_megatron import convert_hf_to_megatron
 open_hf_checkpoint(sys.argv[1], "student")  # imports and header reads before the measurement
 measure(lambda: convert_hf_to_megatron(sys.argv[1], sys.argv[2], "student", dtype="fp32"))
 """
 EXPORT = PEAK_RSS + """
-from megatron_student.convert.megatron_to_hf import MegatronCheckpoint, convert_megatron_to_hf
+from megatron_student.checkpoint import MegatronCheckpoint
+from megatron_student.convert.megatron_to_hf import convert_megatron_to_hf
 MegatronCheckpoint(sys.argv[1])
 measure(lambda: convert_megatron_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3])))
 """

@@ -16,7 +16,7 @@ import torch
 
 from test_train_loop import make_config, setup  # noqa: F401 - the module fixture
 
-from megatron_student.convert.common import TRACKER_NAME, CheckpointFileError
+from megatron_student.checkpoint import TRACKER_NAME, CheckpointFileError
 from megatron_student.train.config import dump_config
 from megatron_student.train.trainer import Trainer, distributed_context
 

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from megatron_student.train import trainer as trainer_module
-from megatron_student.train.trainer import LAYOUT_FILE, Trainer, distributed_context
+from megatron_student.train.checkpointer import LAYOUT_FILE
+from megatron_student.train.trainer import Trainer, distributed_context
 
 from test_train_loop import make_config, setup  # noqa: F401  (setup: the CPU trainer tests' module fixture)
 

@@ -15,6 +15,7 @@ from megatron_student.data.prepare import prepare
 from megatron_student.data.storage import HarmonyPackedDataset
 from megatron_student.student.surgery import init_student
 from megatron_student.teacher.tiny import make_tiny_teacher
+from megatron_student.train.batches import eval_micro_batches, train_stream
 from megatron_student.train.config import config_from_dict
 from megatron_student.train.trainer import Trainer, TrainingStopped, distributed_context
 
@@ -158,3 +159,25 @@ def test_nan_guard_stops_after_consecutive_bad_steps_with_a_checkpoint(setup):
     ckpt = setup / "nan_all" / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert (ckpt / "iter_0000003" / "trainer" / "rank_00000.pt").is_file()
+
+
+def test_micro_batches_name_the_samples_they_hold(setup):
+    """Each DP rank's micro-batches carry the split and sample indices of their rows (what a teacher signal that
+    looks rows up by sample reads), their tokens are those samples', and the two ranks draw disjoint samples."""
+    config = make_config(setup, "batches", ["data.micro_batch=2", "data.global_batch=4", "data.shuffle=false",
+                                            "eval.batches=2"])
+    dataset = HarmonyPackedDataset(setup / "data", "train")
+    drawn = []
+    for rank in range(2):
+        stream, accumulation = train_stream(config, rank, 2, 1, torch.device("cpu"))
+        assert accumulation == 1
+        batches = [stream.next_micro_batch() for _ in range(3)]
+        for mb in batches:
+            assert mb.split == "train" and len(mb.samples) == 2
+            assert torch.equal(mb.tokens[0], torch.cat([dataset[i]["input_ids"] for i in mb.samples]))
+        drawn.append({i for mb in batches for i in mb.samples})
+    assert drawn[0] and drawn[1] and not drawn[0] & drawn[1]
+    valid = HarmonyPackedDataset(setup / "data", "valid")
+    batches = list(eval_micro_batches(config, 0, 2, torch.device("cpu")))
+    assert batches and all(mb.split == "valid" and len(mb.samples) == 2 for mb in batches)
+    assert torch.equal(batches[0].tokens[0], torch.cat([valid[i]["input_ids"] for i in batches[0].samples]))

@@ -5,11 +5,12 @@ The checkpoint is written by one process at TP = EP = 1: dist checkpoints store 
 and reshard on load, so one file set serves any TP/EP. The only layout-dependent quantity is the padded vocabulary
 (Megatron pads to a multiple of 128·TP), so the embedding and output layer are padded for ``--tp`` and the
 checkpoint loads at every TP whose padding agrees (padded_vocab_size equal). ``--tp``/``--ep`` are also
-checked against the head and expert counts. The layout goes with a metadata record in the common state
-(``METADATA_KEY``: role, HF config, source, stage, tokens seen, layout, dtype) that the HF export reads back.
+checked against the head and expert counts. The layout goes with the checkpoint's record in the common state
+(``checkpoint.record.CheckpointRecord``: role, HF config, source, stage, tokens seen, dtype, layout) that the HF
+export and the trainer read back.
 
 Streaming: the model is built on the meta device, only for its ``sharded_state_dict`` (keys, global shapes,
-sharding, dtypes). The tensors are made while ``streaming_save.StreamingSaveStrategy`` writes them, one unit at a
+sharding, dtypes). The tensors are made while ``checkpoint.save.StreamingSaveStrategy`` writes them, one unit at a
 time (a decoder layer, the embedding, the final norm, the output layer): the unit's parameters are materialised on
 CPU and filled by ``megatron.weights.hf_to_megatron_state_dict`` from a lazy HF reader (the other units' HF tensors
 are shape-only meta placeholders), the model's ``sharded_state_dict`` cuts them into checkpoint shards, and the
@@ -26,92 +27,37 @@ import contextlib
 import re
 import shutil
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-import transformers
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import apply_factories
-from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.overrides import TorchFunctionMode
 
+from ..checkpoint import (
+    METADATA_KEY,
+    MODEL_TYPES,
+    RELEASE_NAME,
+    TRACKER_NAME,
+    VOCAB_DIVISIBLE_BY,
+    CheckpointLayout,
+    CheckpointRecord,
+    ConversionError,
+    LazyState,
+    StreamingSaveStrategy,
+    open_hf_checkpoint,
+    single_process_group,
+)
 from ..dtypes import CHECKPOINT_DTYPES, DTYPES
 from ..hf_io import replace_directory, require_finite, sweep_temp_siblings, temp_sibling
 from ..megatron import ParallelConfig, build_student, build_teacher, hf_to_megatron_state_dict, initialize_parallel
 from ..megatron import restore_fp32_parameters
 from ..megatron.mapping import megatron_key
-from ..student.config import StudentConfig
-from ..student.modeling import StudentForCausalLM
-from ..teacher import TeacherCheckpoint
-from ..teacher.checkpoint import stored_tensor_files
-from ..teacher.config import CONFIG_NAME
-from .common import (
-    FORMAT_VERSION,
-    METADATA_KEY,
-    RELEASE_NAME,
-    TRACKER_NAME,
-    ConversionError,
-    read_json_object,
-    single_process_group,
-)
-from .streaming_save import StreamingSaveStrategy
-
-VOCAB_DIVISIBLE_BY = 128  # ParallelConfig.make_vocab_size_divisible_by
-MODEL_TYPES = {"teacher": "gpt_oss", "student": StudentConfig.model_type}
-
-
-class StudentCheckpoint:
-    """Lazy per-tensor reader of an HF student directory (safetensors, single or sharded)."""
-
-    def __init__(self, directory: Path, config_dict: dict):
-        self.directory = directory
-        self.config = StudentConfig.from_dict(config_dict)
-        self._files = stored_tensor_files(directory)
-
-    def tensor_names(self) -> list[str]:
-        return sorted(self._files)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._files[name], framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(self._files[name], framework="pt") as f:
-            return f.get_tensor(name)
-
-
-class LazyState(Mapping):
-    """Mapping view of a checkpoint reader for ``hf_to_megatron_state_dict``; keeps the last few tensors (a layer's
-    four expert tensors are indexed once per expert)."""
-
-    def __init__(self, reader, keep: int = 4):
-        self.reader, self.keep = reader, keep
-        self._names = set(reader.tensor_names())
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(f"{self.reader.directory}: missing tensor '{name}'")
-        if name not in self._cache:
-            self._cache[name] = self.reader.get(name)
-            if len(self._cache) > self.keep:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(name)
-        return self._cache[name]
-
-    def __contains__(self, name) -> bool:
-        return name in self._names
-
-    def __iter__(self):
-        return iter(sorted(self._names))
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 class _OnMetaDevice(TorchFunctionMode):
@@ -206,44 +152,6 @@ class StreamedShards:
         return shards
 
 
-def open_hf_checkpoint(directory: str | Path, role: str):
-    """(reader, HF config, config dict) after checking model_type, quantisation and every tensor name and shape
-    against the model the config describes."""
-    directory = Path(directory)
-    config_file = directory / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no config.json")
-    config_dict = read_json_object(config_file)
-    model_type = config_dict.get("model_type")
-    if model_type != MODEL_TYPES[role]:
-        raise ConversionError(f"{config_file}: field 'model_type' is {model_type!r}; --role {role} needs "
-                              f"{MODEL_TYPES[role]!r}")
-    if role == "teacher":
-        reader = TeacherCheckpoint(directory)  # validates the config, including the quantisation method
-        config = transformers.GptOssConfig.from_dict({k: v for k, v in config_dict.items() if k != "quantization_config"})
-        model_class = transformers.GptOssForCausalLM
-    else:
-        quant = config_dict.get("quantization_config")
-        if quant is not None:
-            raise ConversionError(f"{config_file}: field 'quantization_config' ({quant!r}) is an unknown quantisation "
-                                  "for a student; students are stored unquantised")
-        reader = StudentCheckpoint(directory, config_dict)
-        config = reader.config
-        model_class = StudentForCausalLM
-    with torch.device("meta"):
-        expected = {n: tuple(t.shape) for n, t in model_class(config).state_dict().items()}
-    stored = set(reader.tensor_names())
-    for name in sorted(set(expected) - stored):
-        raise ConversionError(f"{directory}: missing tensor '{name}' (shape {expected[name]})")
-    for name in sorted(stored - set(expected)):
-        raise ConversionError(f"{directory}: unexpected tensor '{name}'")
-    for name, shape in expected.items():
-        if reader.shape(name) != shape:
-            raise ConversionError(f"{directory}: tensor '{name}' has shape {reader.shape(name)}, the {role} "
-                                  f"config needs {shape}")
-    return reader, config, config_dict
-
-
 def check_layout(config, tp: int, ep: int) -> None:
     for field in ("num_attention_heads", "num_key_value_heads"):
         if getattr(config, field) % tp:
@@ -255,7 +163,7 @@ def check_layout(config, tp: int, ep: int) -> None:
 
 def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str, tp: int = 1, ep: int = 1,
                            dtype: str = "bf16", force: bool = False, allow_nonfinite: bool = False) -> dict:
-    """Write the Megatron checkpoint; returns its metadata record plus ``bytes`` and ``seconds``."""
+    """Write the Megatron checkpoint; returns its record (stored form) plus ``bytes`` and ``seconds``."""
     if role not in MODEL_TYPES:
         raise ConversionError(f"--role {role!r}: choose one of {sorted(MODEL_TYPES)}")
     if tp < 1 or ep < 1:
@@ -268,12 +176,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
     start = time.perf_counter()
     reader, config, config_dict = open_hf_checkpoint(hf_dir, role)
     check_layout(config, tp, ep)
-    metadata = {
-        "format_version": FORMAT_VERSION, "role": role, "hf_config": config_dict, "source": str(Path(hf_dir).resolve()),
-        "stage": "converted from HF", "tokens_seen": 0, "dtype": dtype,
-        "layout": {"written_tp": 1, "written_ep": 1, "target_tp": tp, "target_ep": ep,
-                   "make_vocab_size_divisible_by": VOCAB_DIVISIBLE_BY},
-    }
+    record = CheckpointRecord(role=role, hf_config=config_dict, source=str(Path(hf_dir).resolve()),
+                              stage="converted from HF", tokens_seen=0, dtype=dtype,
+                              layout=CheckpointLayout(written_tp=1, written_ep=1, target_tp=tp, target_ep=ep))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     sweep_temp_siblings(output_dir)
     tmp = temp_sibling(output_dir)
@@ -286,7 +191,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
             restore_fp32_parameters(model)  # router and KDA decay parameters stay fp32, as in training
             nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
             sharded = model.sharded_state_dict()
-            sharded[METADATA_KEY] = metadata
+            sharded[METADATA_KEY] = record.to_dict()
             (tmp / RELEASE_NAME).mkdir()
             strategy = StreamingSaveStrategy(StreamedShards(model, reader, allow_nonfinite).pop, unit_of)
             try:
@@ -300,7 +205,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, role: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {**metadata, "bytes": nbytes, "seconds": time.perf_counter() - start}
+    return {**record.to_dict(), "bytes": nbytes, "seconds": time.perf_counter() - start}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,64 +22,17 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
+from ..checkpoint import CheckpointRecord, ConversionError, MegatronCheckpoint
 from ..hf_io import StreamingCheckpointWriter
 from ..megatron.mapping import megatron_key
 from ..student.config import StudentConfig
 from ..student.modeling import StudentForCausalLM, write_bundle_files
 from ..student.spec import layer_specs
 from ..student.surgery import FP32_PARAMETERS
-from .common import (
-    METADATA_KEY,
-    CheckpointFileError,
-    ConversionError,
-    SafeFileSystemReader,
-    load_common_state,
-    read_json_object,
-    resolve_megatron_dir,
-    verify_torch_dist,
-)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
-
-
-class MegatronCheckpoint:
-    """One torch_dist checkpoint directory: global tensor metadata, the converter's metadata record, and
-    single-tensor reads."""
-
-    def __init__(self, path: str | Path):
-        self.directory = resolve_megatron_dir(path)
-        backend = read_json_object(self.directory / "metadata.json").get("sharded_backend")
-        if backend != "torch_dist":
-            raise ConversionError(f"{self.directory}/metadata.json: sharded_backend is {backend!r}, expected 'torch_dist'")
-        self.tensors = {k: v for k, v in verify_torch_dist(self.directory).state_dict_metadata.items()
-                        if hasattr(v, "size") and "_extra_state" not in k}
-        common = load_common_state(self.directory)
-        if METADATA_KEY not in common:
-            raise ConversionError(f"{self.directory}/common.pt: no '{METADATA_KEY}' record (role, HF config, layout); "
-                                  "save checkpoints with it (convert-hf-to-megatron writes it)")
-        self.metadata = common[METADATA_KEY]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].size)
-
-    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Global tensors for ``keys`` in one DCP read (no process group)."""
-        out = {k: torch.empty(self.tensors[k].size, dtype=self.tensors[k].properties.dtype) for k in keys}
-        try:
-            dcp.load(out, storage_reader=SafeFileSystemReader(str(self.directory)), no_dist=True)
-        except CheckpointFileError:
-            raise
-        except Exception as e:  # noqa: BLE001 - DCP wraps the reader's errors (EOFError, unpickling) in its own types
-            raise CheckpointFileError(f"{self.directory}: reading tensor '{keys[0]}'"
-                                      + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
-                                      + f" failed, a .distcp file is damaged: {e}") from e
-        return out
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.get_many([key])[key]
 
 
 def megatron_source(hf_name: str, hf_shape: tuple[int, ...]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -97,7 +50,7 @@ def layer_of(hf_name: str) -> str:
     return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else hf_name
 
 
-def model_card(config: StudentConfig, metadata: dict, source: Path) -> str:
+def model_card(config: StudentConfig, record: CheckpointRecord, source: Path) -> str:
     kinds = [spec.kind for spec in layer_specs(config)]
     counts = ", ".join(f"{kinds.count(k)} × {k}" for k in dict.fromkeys(kinds))
     return "\n".join([
@@ -105,8 +58,8 @@ def model_card(config: StudentConfig, metadata: dict, source: Path) -> str:
         "A distilled student of gpt-oss with an attention plan (SWA+TPA / KDA / softmax per layer), exported from "
         "a Megatron-Core checkpoint by `megatron-student convert-megatron-to-hf`.", "",
         f"- Source teacher: {config.teacher_name_or_path or 'unknown'}",
-        f"- Stage: {metadata.get('stage', 'unknown')}",
-        f"- Tokens seen: {metadata.get('tokens_seen', 'unknown')}",
+        f"- Stage: {record.stage}",
+        f"- Tokens seen: {record.tokens_seen}",
         f"- Megatron checkpoint: {source}",
         f"- Layers: {config.num_hidden_layers} ({counts}); per layer: {kinds}",
         f"- Plan: `{json.dumps(config.plan, sort_keys=True)}`", "",
@@ -121,15 +74,15 @@ def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, tea
     """Write the HF bundle; returns ``{"bytes": written tensor bytes, "seconds": ...}``."""
     start = time.perf_counter()
     ckpt = MegatronCheckpoint(megatron_dir)
-    meta = ckpt.metadata
-    if meta.get("role") != "student":
-        raise ConversionError(f"{ckpt.directory}: a {meta.get('role')!r} checkpoint; only student checkpoints export "
+    record = ckpt.record
+    if record.role != "student":
+        raise ConversionError(f"{ckpt.directory}: a {record.role!r} checkpoint; only student checkpoints export "
                               "to an HF student bundle")
-    model_type = meta["hf_config"].get("model_type")
+    model_type = record.hf_config.get("model_type")
     if model_type != StudentConfig.model_type:
         raise ConversionError(f"{ckpt.directory}: recorded HF config has model_type {model_type!r}, expected "
                               f"{StudentConfig.model_type!r}")
-    config = StudentConfig.from_dict(meta["hf_config"])
+    config = StudentConfig.from_dict(record.hf_config)
     config.dtype = "bfloat16"
     with torch.device("meta"):
         expected = {n: tuple(t.shape) for n, t in StudentForCausalLM(config).state_dict().items()}
@@ -160,7 +113,7 @@ def convert_megatron_to_hf(megatron_dir: str | Path, output_dir: str | Path, tea
                 writer.add(name, tensor.to(dtype))
                 del megatron, tensor
         write_bundle_files(writer.directory, config)
-        writer.write_text("README.md", model_card(config, meta, ckpt.directory))
+        writer.write_text("README.md", model_card(config, record, ckpt.directory))
         if teacher_dir is not None:
             copied = [f for f in TOKENIZER_FILES if (Path(teacher_dir) / f).is_file()]
             if not copied:

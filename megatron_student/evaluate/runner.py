@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..convert.common import TRACKER_NAME
+from ..checkpoint import TRACKER_NAME
 from .agreement import AgreementTotals, RouterCounts, prepared_conversations
 from .generation import summarize_completions
 from .probes import Probe, make_probes
@@ -231,7 +231,7 @@ def evaluate(model: str | Path, output: str | Path, *, teacher: str | Path | Non
 def training_suite(config, step: int, device: torch.device) -> tuple[dict[str, float], list[dict]]:
     """``eval.suite`` during training: evaluate the latest checkpoint of ``config.checkpoint.dir`` (the one just
     written) into ``<logging.dir>/suite/step_N``; returns (scalars for the metrics sink, failed gates)."""
-    from ..convert.common import resolve_megatron_dir
+    from ..checkpoint import resolve_megatron_dir
 
     e = config.eval
     teacher = e.suite_teacher or (config.teacher.path if (Path(config.teacher.path) / "config.json").is_file()

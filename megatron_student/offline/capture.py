@@ -37,7 +37,7 @@ def open_teacher(path: str, tp: int, ep: int, dtype: torch.dtype):
     from megatron.core import parallel_state  # noqa: F401  (initialises Megatron's modules before the model)
 
     from ..megatron import ParallelConfig, initialize_parallel
-    from ..train.trainer import VOCAB_DIVISIBLE_BY, load_model
+    from ..checkpoint import VOCAB_DIVISIBLE_BY, load_model
 
     parallel = ParallelConfig(tensor_parallel=tp, expert_parallel=ep, params_dtype=dtype,
                               make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY)
@@ -50,7 +50,7 @@ def open_teacher(path: str, tp: int, ep: int, dtype: torch.dtype):
 
 def teacher_logits(model, items: list[dict], device):
     """(the trainer's micro-batch of ``items``, the teacher's vocab-parallel logits [B·S, V_local])."""
-    from ..train.trainer import make_micro_batch
+    from ..train.batches import make_micro_batch
 
     mb = make_micro_batch(items, _Channels, device)
     with torch.no_grad():

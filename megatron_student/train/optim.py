@@ -80,6 +80,22 @@ def is_expert_parameter(p: torch.nn.Parameter) -> bool:
     return not getattr(p, "allreduce", True)
 
 
+def active_parameters(model: torch.nn.Module) -> float:
+    """Parameters used per token (global, embeddings excluded, experts scaled by top-k / E), for the MFU estimate."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    cfg = model.config
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embedding."):
+            continue
+        if is_expert_parameter(p):
+            total += p.numel() * ep * cfg.moe_router_topk / cfg.num_moe_experts
+        else:
+            total += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+    return total
+
+
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """L2 norm of the whole model's (DP-reduced) gradient: TP-sharded parameters summed over TP, TP-replicated
     ones counted once, expert parameters summed over EP. Identical on every rank."""

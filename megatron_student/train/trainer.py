@@ -1,41 +1,30 @@
-"""One distillation stage on Megatron-Core: student and online teacher co-located on the same ranks and TP/EP.
+"""One distillation stage on Megatron-Core: the loop. Its components: ``batches`` (this DP rank's micro-batches),
+``teacher_signal`` (what the losses need from the teacher), ``checkpointer`` (save and resume), ``optim`` (LR
+schedule, freezing, the optimizer) and ``metrics`` (router statistics, the metrics sink).
 
 Per optimiser step:
-1. read this data-parallel rank's micro-batches (``global_batch / (micro_batch · DP)`` of them); each micro-batch
-   of B packed rows is flattened to one THD stream [1, B·S] with its document boundaries (positions and
-   attention restart per conversation);
-2. shift labels and channel masks so that row t is scored against token t + 1 (the last token of each document
-   predicts nothing), build per-token weights (ops.losses.token_weights) and the global normaliser over all
-   micro-batches and DP ranks (ops.losses.global_normaliser; Megatron DDP averages gradients over DP);
-3. per micro-batch: teacher forward under no_grad, student forward through Megatron DDP, the logit losses on the
-   vocab-parallel logits (TP group), optional hidden-state and teacher-forced attention alignment, backward;
-4. ``finalize_model_grads`` (DP and sequence-parallel reductions), the global gradient norm (TP duplicates counted
+1. read this data-parallel rank's micro-batches (``global_batch / (micro_batch · DP)`` of them) and the global loss
+   normaliser over all micro-batches and DP ranks (ops.losses.global_normaliser; Megatron DDP averages gradients
+   over DP);
+2. per micro-batch: the teacher's targets (an online teacher's forward under no_grad), the student's forward
+   through Megatron DDP, the logit losses on the vocab-parallel logits (TP group), optional hidden-state and
+   teacher-forced attention alignment, backward;
+3. ``finalize_model_grads`` (DP and sequence-parallel reductions), the global gradient norm (TP duplicates counted
    once, experts over EP), NaN/Inf guard, clipping, LR schedule, AdamW step.
 
 Optimizer (``optim.py``): on GPU Megatron-Core's (``get_megatron_optimizer``; a bf16 student with fp32 main
 weights, the distributed optimizer by default), on CPU torch AdamW on DDP's fp32 ``main_grad`` buffers (fp32
 student). The teacher runs in bf16 on GPU (``teacher.dtype``). ``recompute.granularity: full`` turns on
-Megatron's activation recompute of whole student layers.
-
-Checkpoints (``checkpoint.dir``, Megatron-LM layout ``iter_NNNNNNN/`` + ``latest_checkpointed_iteration.txt``):
-the model as torch_dist (reshardable; carries the converters' metadata record, so ``convert-megatron-to-hf``
-exports it and a next stage starts from it with ``student.megatron``), ``trainer/rank_NNNNN.pt`` per rank
-(step, sampler position, RNG states, guard counters, optimizer state; resume needs the same world size, TP, EP
-and optimizer implementation; plain values and tensors only, loaded with ``weights_only=True``) and
-``config.yaml`` (the resolved config). Written in this process (no writer processes to outlive a killed run) to
-``.tmp-iter_…`` and renamed; the tracker is replaced atomically. Every file of a checkpoint is checked before
-anything in it is unpickled (``convert.common.verify_torch_dist``). On resume, metrics.jsonl and TensorBoard drop
-what was logged after the checkpoint.
+Megatron's activation recompute of whole student layers. Checkpoints: see ``checkpointer``; on resume,
+metrics.jsonl and TensorBoard drop what was logged after the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,55 +32,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import transformers
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.packed_seq_params import PackedSeqParams
 
-from ..convert.common import (
-    FORMAT_VERSION,
-    METADATA_KEY,
-    TRACKER_NAME,
-    load_common_state,
-    resolve_megatron_dir,
-    safe_torch_load,
-    single_process_group,
-    verify_torch_dist,
-)
-from ..convert.hf_to_megatron import LazyState, open_hf_checkpoint
-from ..convert.streaming_save import InProcessSaveStrategy
-from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
+from ..checkpoint import VOCAB_DIVISIBLE_BY, CheckpointLayout, CheckpointRecord, load_model, single_process_group
+from ..dtypes import DTYPES
 from ..kernels import first_step_notice
-from ..megatron import ParallelConfig, build_student, build_teacher, initialize_parallel, load_hf_weights
-from ..megatron import restore_fp32_parameters
+from ..megatron import ParallelConfig, initialize_parallel
 from ..ops.losses import (
-    IGNORE_INDEX,
     LogitLoss,
     NonFiniteLossError,
     attention_alignment_loss,
     check_finite,
     global_normaliser,
     hidden_state_loss,
-    logit_losses,
-    token_weights,
 )
-from ..student.config import StudentConfig
-from .config import ConfigError, TrainConfig, dump_config
+from .activations import Capture, with_bias
+from .batches import MicroBatch, eval_micro_batches, train_stream
+from .checkpointer import Checkpointer
+from .config import ConfigError, TrainConfig
 from .graceful_stop import GracefulStop
 from .metrics import MetricsSink, RouterStats
-from .optim import MegatronAdam, TorchAdamW, apply_freeze, is_expert_parameter, learning_rate, optimizer_implementation
-
-VOCAB_DIVISIBLE_BY = 128
-LAYOUT_FILE = "layout.json"  # in a checkpoint's trainer/: the layout a resume must match
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from .optim import MegatronAdam, TorchAdamW, active_parameters, apply_freeze, learning_rate, optimizer_implementation
+from .teacher_signal import teacher_signal
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped early (too many consecutive non-finite steps); a checkpoint was written first."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Process groups and models
 
 
 @contextlib.contextmanager
@@ -115,179 +82,6 @@ def distributed_context():
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-def _is_megatron_checkpoint(path: Path) -> bool:
-    return (path / "metadata.json").is_file() or (path / TRACKER_NAME).is_file()
-
-
-def load_model(path: str | Path, role: str, parallel: ParallelConfig):
-    """(model, HF config, HF config dict) of ``role`` ("student"/"teacher") for this rank, from an HF directory or
-    a Megatron torch_dist checkpoint carrying the converters' metadata record."""
-    path = Path(path)
-    build = build_student if role == "student" else build_teacher
-    if _is_megatron_checkpoint(path):
-        directory = resolve_megatron_dir(path)
-        verify_torch_dist(directory)  # before Megatron unpickles anything in it
-        meta = load_common_state(directory).get(METADATA_KEY)
-        if meta is None:
-            raise ValueError(f"{directory}/common.pt: no '{METADATA_KEY}' record; convert the checkpoint with "
-                             "megatron-student convert-hf-to-megatron")
-        if meta.get("role") != role:
-            raise ValueError(f"{directory}: a {meta.get('role')!r} checkpoint where a {role} is expected")
-        config_dict = meta["hf_config"]
-        if role == "student":
-            config = StudentConfig.from_dict(config_dict)
-        else:
-            config = transformers.GptOssConfig.from_dict(
-                {k: v for k, v in config_dict.items() if k != "quantization_config"})
-        model = build(config, parallel)
-        restore_fp32_parameters(model)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
-        state.pop(METADATA_KEY, None)  # the common state comes back with the tensors
-        model.load_state_dict(state)
-    elif (path / "config.json").is_file():
-        reader, config, config_dict = open_hf_checkpoint(path, role)
-        model = build(config, parallel)
-        restore_fp32_parameters(model)
-        load_hf_weights(model, LazyState(reader))
-    else:
-        raise FileNotFoundError(f"{path}: neither an HF checkpoint (config.json) nor a Megatron checkpoint "
-                                f"(metadata.json or {TRACKER_NAME})")
-    return model, config, config_dict
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Batches
-
-
-@dataclass
-class MicroBatch:
-    tokens: torch.Tensor  # [1, N] (N = B·S)
-    packed: PackedSeqParams
-    targets: torch.Tensor  # [N] next-token labels (−100: not trained)
-    weights: torch.Tensor  # [N] float32 loss weights
-    num_tokens: int  # real (unpadded) tokens
-    analysis_tokens: int
-    final_tokens: int
-
-
-def make_micro_batch(items: list[dict], channels, device: torch.device) -> MicroBatch:
-    batch = collate_packed(items)
-    cu = batch["cu_seqlens"].to(torch.int64)
-    n = batch["input_ids"].numel()
-    last = torch.zeros(n, dtype=torch.bool)
-    last[cu[1:] - 1] = True  # the last token of each document predicts nothing
-
-    def shifted(name, fill):
-        flat = batch[name].reshape(-1)
-        out = torch.cat([flat[1:], flat.new_full((1,), fill)])
-        return out.masked_fill(last, fill)
-
-    targets = shifted("labels", IGNORE_INDEX)
-    analysis, final = shifted("analysis_mask", False), shifted("final_mask", False)
-    weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0),
-                            final_channel=channels.final, analysis_channel=channels.analysis,
-                            other_channel=channels.other)
-    cu32 = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
-                             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
-    return MicroBatch(batch["input_ids"].reshape(1, -1).to(device), packed, targets.to(device), weights.to(device),
-                      int(batch["num_tokens"].sum()), int((analysis & (targets != IGNORE_INDEX)).sum()),
-                      int((final & (targets != IGNORE_INDEX)).sum()))
-
-
-class BatchStream:
-    """Micro-batches of ``micro_batch`` samples in the sampler's order, across epochs."""
-
-    def __init__(self, dataset: HarmonyPackedDataset, sampler: ResumableSampler, micro_batch: int):
-        if len(sampler) < 1:
-            raise ValueError(f"{dataset.directory}: {len(dataset)} samples cannot feed {sampler.world_size} "
-                             "data-parallel ranks")
-        self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
-        self._iter = None
-
-    def next_items(self) -> list[dict]:
-        items = []
-        while len(items) < self.micro_batch:
-            if self._iter is None:
-                self._iter = iter(self.sampler)
-            try:
-                items.append(self.dataset[next(self._iter)])
-            except StopIteration:
-                self._iter = None
-        return items
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-        self._iter = None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Cost model
-
-
-def active_parameters(model: torch.nn.Module) -> float:
-    """Parameters used per token (global, embeddings excluded, experts scaled by top-k / E), for the MFU estimate."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    ep = parallel_state.get_expert_model_parallel_world_size()
-    cfg = model.config
-    total = 0.0
-    for name, p in model.named_parameters():
-        if name.startswith("embedding."):
-            continue
-        if is_expert_parameter(p):
-            total += p.numel() * ep * cfg.moe_router_topk / cfg.num_moe_experts
-        else:
-            total += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-    return total
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Activation capture for the alignment losses
-
-
-class Capture:
-    """Forward hooks storing layer outputs (``outputs``) and attention inputs/outputs (``attn_in``/``attn_out``)."""
-
-    def __init__(self):
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.attn_in: dict[int, torch.Tensor] = {}
-        self.attn_out: dict[int, torch.Tensor] = {}
-        self.handles = []
-
-    def layers(self, model, indices):
-        for i in indices:
-            self.handles.append(model.decoder.layers[i].register_forward_hook(
-                lambda m, a, out, i=i: self.outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
-
-    def attention(self, model, indices):
-        for i in indices:
-            attn = model.decoder.layers[i].self_attention
-            self.handles.append(attn.register_forward_pre_hook(
-                lambda m, args, kwargs, i=i: self.attn_in.__setitem__(
-                    i, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
-            self.handles.append(attn.register_forward_hook(
-                lambda m, a, out, i=i: self.attn_out.__setitem__(i, _with_bias(out))))
-
-    def clear(self):
-        self.outputs.clear()
-        self.attn_in.clear()
-        self.attn_out.clear()
-
-
-def _with_bias(out):
-    if isinstance(out, tuple):
-        output, bias = out[0], out[1] if len(out) > 1 else None
-        return output if bias is None else output + bias
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The trainer
 
 
 @dataclass
@@ -329,35 +123,20 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        d = cfg.data
-        per_step = d.micro_batch * self.dp_size
-        if d.global_batch % per_step:
-            raise ConfigError(f"{cfg.source}: data.global_batch: {d.global_batch} is not a multiple of micro_batch × "
-                              f"data-parallel size = {d.micro_batch} × {self.dp_size}")
-        self.accumulation = d.global_batch // per_step
-        if (d.seq_len * d.micro_batch) % self.tp_size:
-            raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}·micro_batch must be divisible by "
-                              f"tp={self.tp_size} (sequence parallelism)")
-
-        self.train_data = HarmonyPackedDataset(d.path, "train")  # checked before the models are built
-        if self.train_data.seq_len != d.seq_len:
-            raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
-                              f"{self.train_data.seq_len}")
-        self.stream = BatchStream(self.train_data, ResumableSampler(len(self.train_data), d.seed, d.shuffle,
-                                                                    self.dp_rank, self.dp_size), d.micro_batch)
-
-        self.resume_dir = self._resume_directory()
+        # The data and a resume's layout are checked before any model is built.
+        self.stream, self.accumulation = train_stream(cfg, self.dp_rank, self.dp_size, self.tp_size, self.device)
+        self.layout = {"world": self.world, "tp": self.tp_size, "ep": cfg.parallel.ep,
+                       "optimizer": self.optimizer_implementation}
+        self.checkpointer = Checkpointer(cfg, self.rank, self.layout)
+        self.resume_dir = self.checkpointer.resume_directory()
         if self.resume_dir is not None:
-            self._check_resume_layout(self.resume_dir)
+            self.checkpointer.check_layout(self.resume_dir)
+
         student_source = self.resume_dir or cfg.student.megatron or cfg.student.hf
         self.student, self.student_config, self.student_config_dict = load_model(student_source, "student",
                                                                                  student_parallel)
-        teacher_dtype = DTYPES.get(cfg.teacher.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        teacher_parallel = ParallelConfig(**{**student_parallel.__dict__, "params_dtype": teacher_dtype,
-                                             "recompute": None})
-        self.teacher, self.teacher_config, _ = load_model(cfg.teacher.path, "teacher", teacher_parallel)
-        self.teacher.eval().requires_grad_(False)
-        self._check_pair()
+        self.teacher = teacher_signal(cfg, student_parallel)
+        self.teacher.check_student(self.student_config)
         self.vocab_size = self.student_config.vocab_size
 
         self.frozen = apply_freeze(self.student, cfg)
@@ -373,19 +152,18 @@ class Trainer:
         self.loss_weights = [item.weight for item in cfg.losses.logits]
         self.hidden_pairs = self._hidden_pairs()
         self.attn_layers = self._attention_layers()
-        self.student_capture, self.teacher_capture = Capture(), Capture()
+        self.student_capture = Capture()
         self.student_capture.layers(self.student, sorted({s for s, _ in self.hidden_pairs}))
-        self.teacher_capture.layers(self.teacher, sorted({t for _, t in self.hidden_pairs}))
-        self.teacher_capture.attention(self.teacher, self.attn_layers)
+        self.teacher.capture(sorted({t for _, t in self.hidden_pairs}), self.attn_layers)
         self.router_stats = RouterStats(self.student, cfg.logging.router_min_entropy)
-        self.flops_per_token = 6 * active_parameters(self.student) + 2 * active_parameters(self.teacher)
+        self.flops_per_token = 6 * active_parameters(self.student) + self.teacher.flops_per_token
 
         self.step = 0
         self.tokens_seen = 0
         self.consecutive_bad = 0
         self.skipped_total = 0
         if self.resume_dir is not None:
-            self._load_trainer_state(self.resume_dir)
+            self.checkpointer.load(self.resume_dir, self)
         self.sink = MetricsSink(cfg.logging.dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                 wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                 run_name=cfg.stage, config=cfg.resolved(),
@@ -398,23 +176,11 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _resume_directory(self) -> Path | None:
-        root = Path(self.config.checkpoint.dir)
-        if self.config.checkpoint.resume and (root / TRACKER_NAME).is_file():
-            return resolve_megatron_dir(root)
-        return None
-
-    def _check_pair(self) -> None:
-        s, t = self.student_config, self.teacher_config
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            if getattr(s, key) != getattr(t, key):
-                raise ValueError(f"student and teacher differ in {key}: {getattr(s, key)} vs {getattr(t, key)}")
-
     def _hidden_pairs(self) -> list[tuple[int, int]]:
         h = self.config.losses.hidden
         if h.weight == 0:
             return []
-        n_s, n_t = len(self.student.decoder.layers), len(self.teacher.decoder.layers)
+        n_s, n_t = len(self.student.decoder.layers), self.teacher.num_layers
         pairs = [(i, i) for i in range(min(n_s, n_t))] if h.layer_map == "all" else [tuple(p) for p in h.layer_map]
         for i, (a, b) in enumerate(pairs):
             if a >= n_s or b >= n_t:
@@ -445,28 +211,26 @@ class Trainer:
     def _micro_losses(self, mb: MicroBatch, normaliser: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the loss to backpropagate on this rank, the full normalised components for logging)."""
         self.student_capture.clear()
-        self.teacher_capture.clear()
-        with torch.no_grad():
-            teacher_logits = self.teacher(mb.tokens, None, None, packed_seq_params=mb.packed)
+        teacher = self.teacher.targets(mb)
         student_logits = self.ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
-        sums = logit_losses(student_logits[0], teacher_logits[0], self.specs, mb.weights, labels=mb.targets,
-                            vocab_size=self.vocab_size, tp_group=self.tp_group,
-                            chunk_size=self.config.losses.chunk_size)
+        sums = teacher.logit_losses(student_logits[0], self.specs, mb.weights, labels=mb.targets,
+                                    vocab_size=self.vocab_size, tp_group=self.tp_group,
+                                    chunk_size=self.config.losses.chunk_size)
         loss = sum(w * s for w, s in zip(self.loss_weights, sums)) / normaliser
         parts = {spec.kind: (s / normaliser).detach() for spec, s in zip(self.specs, sums)}
         local_weights = self._local_tokens(mb.weights)
         locals_: dict[str, torch.Tensor] = {}
         if self.hidden_pairs:
-            pairs = [(self.student_capture.outputs[s], self.teacher_capture.outputs[t]) for s, t in self.hidden_pairs]
+            pairs = [(self.student_capture.outputs[s], teacher.layer_outputs[t]) for s, t in self.hidden_pairs]
             locals_["hidden"] = hidden_state_loss(pairs, local_weights, self.config.losses.hidden.kind)
         if self.attn_layers:
             total = 0.0
             for i in self.attn_layers:
                 attention = self.student.decoder.layers[i].self_attention
                 total = total + attention_alignment_loss(
-                    lambda x, attention=attention: _with_bias(attention(x, attention_mask=None,
-                                                                        packed_seq_params=mb.packed)),
-                    self.teacher_capture.attn_in[i], self.teacher_capture.attn_out[i], local_weights,
+                    lambda x, attention=attention: with_bias(attention(x, attention_mask=None,
+                                                                       packed_seq_params=mb.packed)),
+                    teacher.attention_inputs[i], teacher.attention_outputs[i], local_weights,
                     self.config.losses.attention.kind)
             locals_["attention"] = total / len(self.attn_layers)
         weights = {"hidden": self.config.losses.hidden.weight, "attention": self.config.losses.attention.weight}
@@ -481,8 +245,7 @@ class Trainer:
     def train_step(self) -> StepRecord:
         cfg = self.config
         start = time.perf_counter()
-        batches = [make_micro_batch(self.stream.next_items(), cfg.losses.channels, self.device)
-                   for _ in range(self.accumulation)]
+        batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
         normaliser = global_normaliser([mb.weights for mb in batches], mode=cfg.losses.normaliser,
                                        group=self.dp_group, dp_grad_average=True)
         self.ddp.train()
@@ -546,23 +309,16 @@ class Trainer:
         """Forward KL (T = 1) and CE per weighted token over the first ``eval.batches`` micro-batches of the valid
         split (this DP rank's share), summed over DP."""
         cfg = self.config
-        data = HarmonyPackedDataset(cfg.data.path, "valid")
-        sampler = ResumableSampler(len(data), cfg.data.seed, False, self.dp_rank, self.dp_size)
-        order = list(sampler.epoch_order(0))
         specs = [LogitLoss("forward_kl"), LogitLoss("ce")]
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.ddp.eval()
         self.router_stats.enabled = False
         try:
-            for b in range(cfg.eval.batches):
-                chosen = order[b * cfg.data.micro_batch:(b + 1) * cfg.data.micro_batch]
-                if len(chosen) < cfg.data.micro_batch:
-                    break
-                mb = make_micro_batch([data[i] for i in chosen], cfg.losses.channels, self.device)
-                t = self.teacher(mb.tokens, None, None, packed_seq_params=mb.packed)
+            for mb in eval_micro_batches(cfg, self.dp_rank, self.dp_size, self.device):
+                teacher = self.teacher.targets(mb)
                 s = self.ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
-                kl_ce = logit_losses(s[0], t[0], specs, mb.weights, labels=mb.targets, vocab_size=self.vocab_size,
-                                     tp_group=self.tp_group, chunk_size=cfg.losses.chunk_size)
+                kl_ce = teacher.logit_losses(s[0], specs, mb.weights, labels=mb.targets, vocab_size=self.vocab_size,
+                                             tp_group=self.tp_group, chunk_size=cfg.losses.chunk_size)
                 sums[:2] += kl_ce.double()
                 sums[2] += (mb.weights != 0).sum()
         finally:
@@ -576,92 +332,27 @@ class Trainer:
 
     # ---- checkpoints
 
-    def _trainer_state(self) -> dict:
-        state = {
-            "step": self.step, "tokens_seen": self.tokens_seen, "consecutive_bad": self.consecutive_bad,
-            "skipped_total": self.skipped_total,
-            "optimizer": self.optimizer.state_dict(),
-            "sampler": self.stream.state_dict(),
-            "layout": self._layout(),
-            "rng": {"python": random.getstate(), "numpy": _numpy_rng_plain(np.random.get_state()),
-                    "torch": torch.get_rng_state()},
-        }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state()
-            state["rng"]["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-        return state
+    def state_dict(self) -> dict:
+        """This rank's trainer state (the checkpointer adds the RNG states and the layout)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "consecutive_bad": self.consecutive_bad,
+                "skipped_total": self.skipped_total, "optimizer": self.optimizer.state_dict(),
+                "sampler": self.stream.state_dict()}
 
-    def _layout(self) -> dict:
-        """What a resume must share with the run that wrote the per-rank trainer files."""
-        return {"world": self.world, "tp": self.tp_size, "ep": self.config.parallel.ep,
-                "optimizer": self.optimizer_implementation}
-
-    def _check_resume_layout(self, directory: Path) -> None:
-        """Refuse a resume at another layout before any model is built (a checkpoint of another TP does not even
-        fit this run's vocabulary padding): the checkpoint's trainer/layout.json against this run's."""
-        path = directory / "trainer" / LAYOUT_FILE
-        if path.is_file():
-            self._require_layout(path, json.loads(path.read_text()))
-
-    def _require_layout(self, path: Path, written: dict) -> None:
-        layout = self._layout()
-        if written != layout:
-            raise ValueError(f"{path}: written with {written}, resuming with {layout}; resume needs the same "
-                             "layout (start a new stage from it with student.megatron to change it)")
-
-    def _load_trainer_state(self, directory: Path) -> None:
-        path = directory / "trainer" / f"rank_{self.rank:05d}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no trainer state for rank {self.rank} (was the checkpoint written with "
-                                    "a different world size?)")
-        state = safe_torch_load(path)
-        self._require_layout(path, state["layout"])
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.consecutive_bad, self.skipped_total = state["consecutive_bad"], state["skipped_total"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["sampler"])
-        random.setstate(state["rng"]["python"])
-        name, keys, position, has_gauss, cached = state["rng"]["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-            tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["cuda_tracker"])
 
     def save_checkpoint(self) -> Path:
-        root = Path(self.config.checkpoint.dir)
-        name = f"iter_{self.step:07d}"
-        tmp, final = root / f".tmp-{name}", root / name
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        metadata = {
-            "format_version": FORMAT_VERSION, "role": "student", "hf_config": self.student_config_dict,
-            "source": str(self.config.student.megatron or self.config.student.hf), "stage": self.config.stage,
-            "tokens_seen": self.tokens_seen, "dtype": next(k for k, v in DTYPES.items() if v == self.student_dtype),
-            "step": self.step,
-            "layout": {"written_tp": self.tp_size, "written_ep": self.config.parallel.ep,
-                       "target_tp": self.tp_size, "target_ep": self.config.parallel.ep,
-                       "make_vocab_size_divisible_by": VOCAB_DIVISIBLE_BY},
-        }
-        sharded = self.student.sharded_state_dict()
-        sharded[METADATA_KEY] = metadata
-        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=InProcessSaveStrategy())
-        (tmp / "trainer").mkdir(exist_ok=True)
-        torch.save(self._trainer_state(), tmp / "trainer" / f"rank_{self.rank:05d}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            (tmp / "config.yaml").write_text(dump_config(self.config))
-            (tmp / "trainer" / LAYOUT_FILE).write_text(json.dumps(self._layout(), sort_keys=True) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            tracker = root / (TRACKER_NAME + ".tmp")
-            tracker.write_text(f"{self.step}\n")
-            os.replace(tracker, root / TRACKER_NAME)
-        dist.barrier()
-        return final
+        cfg = self.config
+        record = CheckpointRecord(
+            role="student", hf_config=self.student_config_dict, source=str(cfg.student.megatron or cfg.student.hf),
+            stage=cfg.stage, tokens_seen=self.tokens_seen, step=self.step,
+            dtype=next(k for k, v in DTYPES.items() if v == self.student_dtype),
+            layout=CheckpointLayout(written_tp=self.tp_size, written_ep=cfg.parallel.ep, target_tp=self.tp_size,
+                                    target_ep=cfg.parallel.ep))
+        return self.checkpointer.save(self.step, self.student, record, self)
 
     # ---- the loop
 
@@ -705,6 +396,12 @@ class Trainer:
             self.sink.close()
         return history
 
+    def close(self) -> None:
+        """Release the hooks (and the teacher signal's resources) the trainer holds."""
+        self.student_capture.remove()
+        self.router_stats.remove()
+        self.teacher.close()
+
     def _run_suite(self) -> None:
         """The evaluation suite on the checkpoint just written (rank 0; the other ranks wait at the barrier)."""
         if self.rank == 0:
@@ -735,15 +432,12 @@ class Trainer:
                               f"{cfg.logging.router_min_entropy} in {', '.join(collapsing)}")
 
 
-def _numpy_rng_plain(state: tuple) -> tuple:
-    """numpy's MT19937 state with its key array as a tensor: loadable with ``weights_only=True``."""
-    name, keys, position, has_gauss, cached = state
-    return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
-
-
 def train(config: TrainConfig, stop: GracefulStop | None = None) -> list[StepRecord]:
     """Run one stage (initialising torch.distributed from the environment when needed); returns this process's
     step records. ``stop``: see :meth:`Trainer.fit`."""
     with distributed_context():
         trainer = Trainer(config)
-        return trainer.fit(stop)
+        try:
+            return trainer.fit(stop)
+        finally:
+            trainer.close()

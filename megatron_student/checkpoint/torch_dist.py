@@ -1,6 +1,6 @@
-"""Shared pieces of the converters: the metadata record, Megatron-LM's checkpoint directory layout, errors,
-a one-process gloo group for Megatron's dist-checkpointing calls, and the safe reading of a torch_dist
-checkpoint's pickled files.
+"""Megatron-LM's checkpoint directory layout and the safe reading of a ``torch_dist`` checkpoint: errors, the
+iteration a save directory's tracker names, a one-process gloo group for Megatron's dist-checkpointing calls, and
+reading the checkpoint's pickled files without running code.
 
 A torch_dist directory holds three kinds of pickle: ``.metadata`` (torch DCP reads it with a plain
 ``pickle.load``), ``common.pt`` (``torch.save``) and the ``BYTE_IO`` items inside the ``.distcp`` files (Megatron's
@@ -22,14 +22,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
-METADATA_KEY = "megatron_student"  # non-tensor entry of the checkpoint's common state (common.pt)
-FORMAT_VERSION = 1
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 RELEASE_NAME = "release"  # Megatron-LM's directory name for a converted (not trained) checkpoint
 
 
 class ConversionError(ValueError):
-    """A source checkpoint that cannot be converted; the message names the tensor, field or file."""
+    """A checkpoint that cannot be converted or loaded; the message names the tensor, field or file."""
 
 
 class CheckpointFileError(ConversionError):

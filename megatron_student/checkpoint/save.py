@@ -1,5 +1,7 @@
-"""A Megatron ``torch_dist`` save whose tensor bytes are produced while the checkpoint is written, one unit at a
-time, so a model far larger than memory can be saved from its structure alone (a meta-device model).
+"""Megatron ``torch_dist`` saves written in this process: ``InProcessSaveStrategy`` (training checkpoints) and
+``StreamingSaveStrategy`` (the HF → Megatron converter), whose tensor bytes are produced while the checkpoint is
+written, one unit at a time, so a model far larger than memory can be saved from its structure alone (a
+meta-device model).
 
 Megatron's own ``TorchDistSaveShardedStrategy`` turns the ShardedTensors into DCP write items with
 ``mcore_to_pyt_state_dict`` and then resolves *every* item before its writer processes start
@@ -79,38 +81,40 @@ class FilePerUnitWriter(FileSystemWriter):
         return written
 
 
-class StreamingSaveStrategy(SaveShardedStrategy):
-    """``torch_dist`` v1 save strategy for ``dist_checkpointing.save(..., sharded_strategy=...)`` that streams the
-    tensor data from ``shard_data`` (see the module docstring)."""
-
-    def __init__(self, shard_data: ShardData, unit_of: Callable[[str], Hashable]):
-        super().__init__("torch_dist", 1)  # what metadata.json records, as for Megatron's default strategy
-        self.shard_data, self.unit_of = shard_data, unit_of
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
-
-    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: str | Path) -> None:
-        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False), planner=StreamingSavePlanner(self.shard_data),
-                 storage_writer=FilePerUnitWriter(checkpoint_dir, self.unit_of))
-
-
 class InProcessSaveStrategy(SaveShardedStrategy):
     """Megatron's ``torch_dist`` v1 save (its planner, keys and metadata) written by torch's ``FileSystemWriter``
     in this process. Megatron's default strategy writes through ``FileSystemWriterAsync``, whose first use starts a
     ``multiprocessing`` Manager server (and a resource tracker) that outlive a process killed with SIGKILL."""
 
     def __init__(self):
-        super().__init__("torch_dist", 1)
+        super().__init__("torch_dist", 1)  # what metadata.json records, as for Megatron's default strategy
 
     @property
     def can_handle_sharded_objects(self) -> bool:
         return True
 
+    def planner(self) -> SavePlanner:
+        return MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
+
+    def writer(self, checkpoint_dir: str | Path) -> FileSystemWriter:
+        return FileSystemWriter(checkpoint_dir, thread_count=1)
+
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: str | Path) -> None:
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False),
-                 planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
-                 storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1))
+        dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False), planner=self.planner(),
+                 storage_writer=self.writer(checkpoint_dir))
+
+
+class StreamingSaveStrategy(InProcessSaveStrategy):
+    """``torch_dist`` v1 save strategy for ``dist_checkpointing.save(..., sharded_strategy=...)`` that streams the
+    tensor data from ``shard_data`` (see the module docstring)."""
+
+    def __init__(self, shard_data: ShardData, unit_of: Callable[[str], Hashable]):
+        super().__init__()
+        self.shard_data, self.unit_of = shard_data, unit_of
+
+    def planner(self) -> SavePlanner:
+        return StreamingSavePlanner(self.shard_data)
+
+    def writer(self, checkpoint_dir: str | Path) -> FileSystemWriter:
+        return FilePerUnitWriter(checkpoint_dir, self.unit_of)

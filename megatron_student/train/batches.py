@@ -1,0 +1,134 @@
+"""This data-parallel rank's micro-batches.
+
+``ResumableSampler`` shards a prepared split over the DP ranks; ``global_batch / (micro_batch · DP)`` micro-batches
+make one optimiser step on each rank. A micro-batch of B packed rows is flattened to one THD stream [1, B·S] with
+its document boundaries (positions and attention restart per conversation). Labels and channel masks are shifted
+so that row t is scored against token t + 1 (the last token of each document predicts nothing), and per-token loss
+weights are built by ``ops.losses.token_weights``. Each micro-batch names the split and sample indices of its rows:
+a teacher signal that looks rows up by sample (an offline capture) reads exactly the samples this rank drew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
+from ..ops.losses import IGNORE_INDEX, token_weights
+from .config import ConfigError, TrainConfig
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [1, N] (N = B·S)
+    packed: PackedSeqParams
+    targets: torch.Tensor  # [N] next-token labels (−100: not trained)
+    weights: torch.Tensor  # [N] float32 loss weights
+    num_tokens: int  # real (unpadded) tokens
+    analysis_tokens: int
+    final_tokens: int
+    split: str = ""  # the prepared split its rows come from ("" when made from loose items)
+    samples: tuple[int, ...] = ()  # the split's sample index of each row
+
+
+def make_micro_batch(items: list[dict], channels, device: torch.device) -> MicroBatch:
+    batch = collate_packed(items)
+    cu = batch["cu_seqlens"].to(torch.int64)
+    n = batch["input_ids"].numel()
+    last = torch.zeros(n, dtype=torch.bool)
+    last[cu[1:] - 1] = True  # the last token of each document predicts nothing
+
+    def shifted(name, fill):
+        flat = batch[name].reshape(-1)
+        out = torch.cat([flat[1:], flat.new_full((1,), fill)])
+        return out.masked_fill(last, fill)
+
+    targets = shifted("labels", IGNORE_INDEX)
+    analysis, final = shifted("analysis_mask", False), shifted("final_mask", False)
+    weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0),
+                            final_channel=channels.final, analysis_channel=channels.analysis,
+                            other_channel=channels.other)
+    cu32 = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
+                             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+    return MicroBatch(batch["input_ids"].reshape(1, -1).to(device), packed, targets.to(device), weights.to(device),
+                      int(batch["num_tokens"].sum()), int((analysis & (targets != IGNORE_INDEX)).sum()),
+                      int((final & (targets != IGNORE_INDEX)).sum()))
+
+
+def read_micro_batch(dataset: HarmonyPackedDataset, samples: list[int], channels, device: torch.device) -> MicroBatch:
+    """The micro-batch of ``samples`` of ``dataset``, naming where its rows come from."""
+    mb = make_micro_batch([dataset[i] for i in samples], channels, device)
+    return dataclasses.replace(mb, split=dataset.directory.name, samples=tuple(int(i) for i in samples))
+
+
+class BatchStream:
+    """Micro-batches of ``micro_batch`` samples in the sampler's order, across epochs; ``state_dict`` is the
+    sampler's position (a resume continues with the next sample)."""
+
+    def __init__(self, dataset: HarmonyPackedDataset, sampler: ResumableSampler, micro_batch: int, channels,
+                 device: torch.device):
+        if len(sampler) < 1:
+            raise ValueError(f"{dataset.directory}: {len(dataset)} samples cannot feed {sampler.world_size} "
+                             "data-parallel ranks")
+        self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
+        self.channels, self.device = channels, device
+        self._iter = None
+
+    def next_samples(self) -> list[int]:
+        samples = []
+        while len(samples) < self.micro_batch:
+            if self._iter is None:
+                self._iter = iter(self.sampler)
+            try:
+                samples.append(next(self._iter))
+            except StopIteration:
+                self._iter = None
+        return samples
+
+    def next_micro_batch(self) -> MicroBatch:
+        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._iter = None
+
+
+def train_stream(config: TrainConfig, dp_rank: int, dp_size: int, tp_size: int,
+                 device: torch.device) -> tuple[BatchStream, int]:
+    """(this DP rank's stream over the train split, micro-batches per optimiser step), after checking the batch
+    sizes against the layout and the prepared data (before any model is built)."""
+    cfg, d = config, config.data
+    per_step = d.micro_batch * dp_size
+    if d.global_batch % per_step:
+        raise ConfigError(f"{cfg.source}: data.global_batch: {d.global_batch} is not a multiple of micro_batch × "
+                          f"data-parallel size = {d.micro_batch} × {dp_size}")
+    if (d.seq_len * d.micro_batch) % tp_size:
+        raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}·micro_batch must be divisible by "
+                          f"tp={tp_size} (sequence parallelism)")
+    dataset = HarmonyPackedDataset(d.path, "train")
+    if dataset.seq_len != d.seq_len:
+        raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
+                          f"{dataset.seq_len}")
+    sampler = ResumableSampler(len(dataset), d.seed, d.shuffle, dp_rank, dp_size)
+    return BatchStream(dataset, sampler, d.micro_batch, cfg.losses.channels, device), d.global_batch // per_step
+
+
+def eval_micro_batches(config: TrainConfig, dp_rank: int, dp_size: int, device: torch.device) -> Iterator[MicroBatch]:
+    """The first ``eval.batches`` micro-batches of the valid split (this DP rank's share, unshuffled); fewer when
+    the split runs out."""
+    d = config.data
+    dataset = HarmonyPackedDataset(d.path, "valid")
+    order = list(ResumableSampler(len(dataset), d.seed, False, dp_rank, dp_size).epoch_order(0))
+    for b in range(config.eval.batches):
+        chosen = order[b * d.micro_batch:(b + 1) * d.micro_batch]
+        if len(chosen) < d.micro_batch:
+            return
+        yield read_micro_batch(dataset, chosen, config.losses.channels, device)
