@@ -5,10 +5,13 @@ need from the teacher (``TeacherTargets``), whatever the teacher is.
 each micro-batch; its targets are the dense vocab-parallel logits (``DenseTargets``) and the activations the
 alignment losses asked for (layer outputs, attention inputs/outputs).
 
-A source that reads stored teacher distributions (an offline capture, ``offline.format.CaptureReader``) gives
-the same interface: its ``targets(mb)`` looks up the rows of ``mb.split`` / ``mb.samples`` at the trained
-positions (``mb.targets != -100``) and returns targets whose ``logit_losses`` compares the student with the
-stored top-k + tail (``ops.losses.sparse_logit_losses``); it has no activations (``num_layers`` 0).
+``OfflineTeacher``: stored teacher distributions (a ``capture-teacher`` output, ``offline.format.CaptureReader``);
+its ``targets(mb)`` reads the rows of ``mb.split`` / ``mb.samples`` at the trained positions and compares the
+student with the stored top-k + tail (``SparseTargets``: ``ops.losses.sparse_logit_losses``); it has no
+activations (``num_layers`` 0) and no model in memory.
+
+``teacher_signals(config, ...)``: one ``TeacherPlan`` per teacher of the stage (``teacher`` or ``teachers``), each
+with its logit losses and their weights; the stage's teacher-free ``ce`` rides with the first teacher.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import torch.distributed as dist
 from ..checkpoint import load_model
 from ..dtypes import DTYPES
 from ..megatron import ParallelConfig
-from ..ops.losses import LogitLoss, logit_losses
+from ..offline.training import open_capture_for_training
+from ..ops.losses import LogitLoss, logit_losses, sparse_logit_losses
 from .activations import Capture
 from .batches import MicroBatch
-from .config import TrainConfig
+from .config import TeacherSection, TrainConfig
 from .optim import active_parameters
 
 
@@ -94,12 +98,14 @@ class OnlineTeacher:
         self._capture = Capture()
 
     @classmethod
-    def load(cls, config: TrainConfig, student_parallel: ParallelConfig) -> OnlineTeacher:
-        """The ``teacher`` section's checkpoint in ``teacher.dtype`` (auto: bf16 on GPU, fp32 on CPU), laid out as
-        the student (no activation recompute: it runs under no_grad)."""
-        dtype = DTYPES.get(config.teacher.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    def load(cls, config: TrainConfig, student_parallel: ParallelConfig,
+             section: TeacherSection | None = None) -> OnlineTeacher:
+        """A teacher section's checkpoint (default: ``teacher``) in its ``dtype`` (auto: bf16 on GPU, fp32 on CPU),
+        laid out as the student (no activation recompute: it runs under no_grad)."""
+        section = section or config.teacher
+        dtype = DTYPES.get(section.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         parallel = ParallelConfig(**{**student_parallel.__dict__, "params_dtype": dtype, "recompute": None})
-        model, hf_config, _ = load_model(config.teacher.path, "teacher", parallel)
+        model, hf_config, _ = load_model(section.path, "teacher", parallel)
         return cls(model, hf_config)
 
     def check_student(self, student_config) -> None:
@@ -123,6 +129,103 @@ class OnlineTeacher:
         self._capture.remove()
 
 
-def teacher_signal(config: TrainConfig, student_parallel: ParallelConfig) -> TeacherSignal:
-    """The stage's teacher signal (the ``teacher`` section: an online teacher checkpoint)."""
-    return OnlineTeacher.load(config, student_parallel)
+@dataclass
+class SparseTargets:
+    """Stored rows of the micro-batch's positions: top-k ids [N, k] (−1 padding), their log-probabilities and the
+    log tail mass [N], on the student's device."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+    layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
+                     labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
+                     chunk_size: int) -> torch.Tensor:
+        """The teacher losses on the stored partition; ``ce`` (teacher-free) on the dense student logits."""
+        sums = [None] * len(losses)
+        groups = {"ce": [i for i, spec in enumerate(losses) if spec.kind == "ce"]}
+        groups["sparse"] = [i for i in range(len(losses)) if i not in groups["ce"]]
+        for kind, index in groups.items():
+            if not index:
+                continue
+            specs = [losses[i] for i in index]
+            part = (logit_losses(student_logits, None, specs, weights, labels=labels, vocab_size=vocab_size,
+                                 tp_group=tp_group, chunk_size=chunk_size) if kind == "ce" else
+                    sparse_logit_losses(student_logits, self.ids, self.logprobs, self.log_tail, specs, weights,
+                                        vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size))
+            for i, value in zip(index, part):
+                sums[i] = value
+        return torch.stack(sums)
+
+
+class OfflineTeacher:
+    """A capture read row by row: no model, no activations."""
+
+    num_layers = 0
+    flops_per_token = 0.0
+
+    def __init__(self, config: TrainConfig, path: str, vocab_size: int, device: torch.device):
+        self.reader = open_capture_for_training(config, path, vocab_size)
+        self.seq_len, self.device = config.data.seq_len, device
+
+    def check_student(self, student_config) -> None:
+        """The vocabulary was checked when the capture was opened (its hash is the student's)."""
+
+    def capture(self, hidden_layers: Sequence[int], attention_layers: Sequence[int]) -> None:
+        if hidden_layers or attention_layers:  # the config refuses this first; a direct caller gets it here
+            raise ValueError(f"{self.reader.root}: an offline teacher has no activations for hidden-state or "
+                             "attention alignment")
+
+    def targets(self, mb: MicroBatch) -> SparseTargets:
+        if not mb.split:
+            raise ValueError("an offline teacher needs micro-batches that name their split and samples")
+        ids, logprobs, log_tail, _ = self.reader.micro_batch(mb.split, mb.samples, self.seq_len,
+                                                             required=mb.targets != -100)
+        return SparseTargets(ids.to(self.device), logprobs.to(self.device), log_tail.to(self.device))
+
+    def close(self) -> None:
+        self.reader = None
+
+
+@dataclass
+class TeacherPlan:
+    """One teacher of the stage, the logit losses taken against it and their weights (teacher weight included);
+    ``prefix`` names its components in the metrics ("" for a stage's only teacher)."""
+
+    signal: TeacherSignal
+    losses: list[LogitLoss]
+    weights: list[float]
+    prefix: str
+
+    def names(self) -> list[str]:
+        """The metric name of each loss (the teacher-free ``ce`` unprefixed)."""
+        return [spec.kind if spec.kind == "ce" else self.prefix + spec.kind for spec in self.losses]
+
+
+def _signal(section: TeacherSection, config: TrainConfig, student_parallel: ParallelConfig, vocab_size: int,
+            device: torch.device) -> TeacherSignal:
+    if section.kind == "offline":
+        return OfflineTeacher(config, section.path, vocab_size, device)
+    return OnlineTeacher.load(config, student_parallel, section)
+
+
+def teacher_signals(config: TrainConfig, student_parallel: ParallelConfig, vocab_size: int,
+                    device: torch.device) -> list[TeacherPlan]:
+    """The stage's teachers with their losses. One ``teacher``: ``losses.logits`` as given (``ce`` included).
+    ``teachers``: each its own losses (default ``losses.logits`` without ``ce``) times its weight, metrics as
+    ``teacher<i>/<kind>``; the stage's ``ce`` once, with the first teacher."""
+    if not config.teachers:
+        signal = _signal(config.teacher, config, student_parallel, vocab_size, device)
+        return [TeacherPlan(signal, config.logit_losses(), [item.weight for item in config.losses.logits], "")]
+    plans = []
+    for i, section in enumerate(config.teachers):
+        pairs = config.teacher_losses(section)
+        plans.append(TeacherPlan(_signal(section, config, student_parallel, vocab_size, device),
+                                 [spec for spec, _ in pairs], [w for _, w in pairs], f"teacher{i}/"))
+    ce = [item for item in config.losses.logits if item.kind == "ce"]
+    plans[0].losses += [LogitLoss(item.kind, item.temperature, item.beta) for item in ce]
+    plans[0].weights += [item.weight for item in ce]
+    return plans

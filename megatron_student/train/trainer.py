@@ -54,7 +54,7 @@ from .config import ConfigError, TrainConfig
 from .graceful_stop import GracefulStop
 from .metrics import MetricsSink, RouterStats
 from .optim import MegatronAdam, TorchAdamW, active_parameters, apply_freeze, learning_rate, optimizer_implementation
-from .teacher_signal import teacher_signal
+from .teacher_signal import teacher_signals
 
 
 class TrainingStopped(RuntimeError):
@@ -135,9 +135,12 @@ class Trainer:
         student_source = self.resume_dir or cfg.student.megatron or cfg.student.hf
         self.student, self.student_config, self.student_config_dict = load_model(student_source, "student",
                                                                                  student_parallel)
-        self.teacher = teacher_signal(cfg, student_parallel)
-        self.teacher.check_student(self.student_config)
         self.vocab_size = self.student_config.vocab_size
+        self.teachers = teacher_signals(cfg, student_parallel, self.vocab_size, self.device)
+        for plan in self.teachers:
+            plan.signal.check_student(self.student_config)
+        # hidden-state and attention alignment read the online teacher's activations (the config requires one)
+        self.online = next((plan.signal for plan in self.teachers if plan.signal.num_layers), None)
 
         self.frozen = apply_freeze(self.student, cfg)
         self.ddp = DistributedDataParallel(
@@ -148,15 +151,15 @@ class Trainer:
         self.optimizer = (MegatronAdam(self.ddp, self.student, cfg, self.student_dtype)
                           if self.optimizer_implementation == "megatron" else TorchAdamW(self.student, cfg))
 
-        self.specs: list[LogitLoss] = cfg.logit_losses()
-        self.loss_weights = [item.weight for item in cfg.losses.logits]
         self.hidden_pairs = self._hidden_pairs()
         self.attn_layers = self._attention_layers()
         self.student_capture = Capture()
         self.student_capture.layers(self.student, sorted({s for s, _ in self.hidden_pairs}))
-        self.teacher.capture(sorted({t for _, t in self.hidden_pairs}), self.attn_layers)
+        if self.online is not None:
+            self.online.capture(sorted({t for _, t in self.hidden_pairs}), self.attn_layers)
         self.router_stats = RouterStats(self.student, cfg.logging.router_min_entropy)
-        self.flops_per_token = 6 * active_parameters(self.student) + self.teacher.flops_per_token
+        self.flops_per_token = 6 * active_parameters(self.student) + sum(p.signal.flops_per_token
+                                                                         for p in self.teachers)
 
         self.step = 0
         self.tokens_seen = 0
@@ -180,7 +183,7 @@ class Trainer:
         h = self.config.losses.hidden
         if h.weight == 0:
             return []
-        n_s, n_t = len(self.student.decoder.layers), self.teacher.num_layers
+        n_s, n_t = len(self.student.decoder.layers), self.online.num_layers
         pairs = [(i, i) for i in range(min(n_s, n_t))] if h.layer_map == "all" else [tuple(p) for p in h.layer_map]
         for i, (a, b) in enumerate(pairs):
             if a >= n_s or b >= n_t:
@@ -211,13 +214,16 @@ class Trainer:
     def _micro_losses(self, mb: MicroBatch, normaliser: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the loss to backpropagate on this rank, the full normalised components for logging)."""
         self.student_capture.clear()
-        teacher = self.teacher.targets(mb)
+        targets = [plan.signal.targets(mb) for plan in self.teachers]
         student_logits = self.ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
-        sums = teacher.logit_losses(student_logits[0], self.specs, mb.weights, labels=mb.targets,
-                                    vocab_size=self.vocab_size, tp_group=self.tp_group,
-                                    chunk_size=self.config.losses.chunk_size)
-        loss = sum(w * s for w, s in zip(self.loss_weights, sums)) / normaliser
-        parts = {spec.kind: (s / normaliser).detach() for spec, s in zip(self.specs, sums)}
+        loss, parts = 0.0, {}
+        for plan, teacher in zip(self.teachers, targets):
+            sums = teacher.logit_losses(student_logits[0], plan.losses, mb.weights, labels=mb.targets,
+                                        vocab_size=self.vocab_size, tp_group=self.tp_group,
+                                        chunk_size=self.config.losses.chunk_size)
+            loss = loss + sum(w * s for w, s in zip(plan.weights, sums)) / normaliser
+            parts.update({name: (s / normaliser).detach() for name, s in zip(plan.names(), sums)})
+        teacher = next((t for plan, t in zip(self.teachers, targets) if plan.signal is self.online), None)
         local_weights = self._local_tokens(mb.weights)
         locals_: dict[str, torch.Tensor] = {}
         if self.hidden_pairs:
@@ -290,7 +296,7 @@ class Trainer:
             dist.all_reduce(shares, group=self.dp_group)
             shares /= self.dp_size
         components = dict(zip(names, shares.tolist()))
-        total = sum(item.weight * components[item.kind] for item in cfg.losses.logits)
+        total = sum(w * components[name] for plan in self.teachers for name, w in zip(plan.names(), plan.weights))
         total += sum(getattr(cfg.losses, k).weight * components[k] for k in ("hidden", "attention") if k in components)
         extra = {"tokens_per_s": float(tokens[0]) / elapsed, "step_seconds": elapsed,
                  "analysis_tokens": float(tokens[1]), "final_tokens": float(tokens[2])}
@@ -306,29 +312,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Forward KL (T = 1) and CE per weighted token over the first ``eval.batches`` micro-batches of the valid
-        split (this DP rank's share), summed over DP."""
+        """Forward KL (T = 1) against each teacher (an offline one: on its stored partition) and CE per weighted
+        token over the first ``eval.batches`` micro-batches of the valid split (this DP rank's share), summed over
+        DP."""
         cfg = self.config
-        specs = [LogitLoss("forward_kl"), LogitLoss("ce")]
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(self.teachers) + 2, dtype=torch.float64, device=self.device)  # KLs, CE, tokens
         self.ddp.eval()
         self.router_stats.enabled = False
         try:
             for mb in eval_micro_batches(cfg, self.dp_rank, self.dp_size, self.device):
-                teacher = self.teacher.targets(mb)
                 s = self.ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
-                kl_ce = teacher.logit_losses(s[0], specs, mb.weights, labels=mb.targets, vocab_size=self.vocab_size,
-                                             tp_group=self.tp_group, chunk_size=cfg.losses.chunk_size)
-                sums[:2] += kl_ce.double()
-                sums[2] += (mb.weights != 0).sum()
+                for i, plan in enumerate(self.teachers):
+                    specs = [LogitLoss("forward_kl")] + ([LogitLoss("ce")] if i == 0 else [])
+                    values = plan.signal.targets(mb).logit_losses(
+                        s[0], specs, mb.weights, labels=mb.targets, vocab_size=self.vocab_size,
+                        tp_group=self.tp_group, chunk_size=cfg.losses.chunk_size).double()
+                    sums[i] += values[0]
+                    if i == 0:
+                        sums[-2] += values[1]
+                sums[-1] += (mb.weights != 0).sum()
         finally:
             self.router_stats.enabled = True
             self.ddp.train()
         dist.all_reduce(sums, group=self.dp_group)
-        if sums[2] == 0:
+        if sums[-1] == 0:
             return {}
-        kl, ce = float(sums[0] / sums[2]), float(sums[1] / sums[2])
-        return {"eval/forward_kl": kl, "eval/ce": ce, "eval/perplexity": math.exp(min(ce, 50.0))}
+        ce = float(sums[-2] / sums[-1])
+        out = {f"eval/{plan.prefix}forward_kl": float(sums[i] / sums[-1]) for i, plan in enumerate(self.teachers)}
+        return {**out, "eval/ce": ce, "eval/perplexity": math.exp(min(ce, 50.0))}
 
     # ---- checkpoints
 
@@ -400,7 +411,8 @@ class Trainer:
         """Release the hooks (and the teacher signal's resources) the trainer holds."""
         self.student_capture.remove()
         self.router_stats.remove()
-        self.teacher.close()
+        for plan in self.teachers:
+            plan.signal.close()
 
     def _run_suite(self) -> None:
         """The evaluation suite on the checkpoint just written (rank 0; the other ranks wait at the barrier)."""
