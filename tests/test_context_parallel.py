@@ -1,0 +1,56 @@
+"""Context parallelism on CPU (gloo): the KDA and SWA + TPA layers with the sequence split into contiguous chunks
+over CP = 2 and 4 ranks equal the whole sequence on one process — outputs, input gradients and parameter gradients —
+with packed documents crossing the rank boundaries."""
+
+import functools
+
+import pytest
+import torch
+
+from context_parallel_workers import layers_worker, run_layer
+from megatron_harness import rel, run_distributed
+
+TOTAL = 96  # CP = 4: chunks [0, 24) [24, 48) [48, 72) [72, 96); CP = 2: [0, 48) [48, 96)
+LAYOUTS = {
+    # one document over every rank: KDA chains the states of all predecessors
+    "one_document": None,
+    # 5..46 spans ranks 0-1 (CP 4) and crosses the CP-2 boundary; 46..50 starts 2 tokens before the CP-4 boundary
+    # at 48 (a partial convolution/window halo); 50..51 is one token; 51..72 ends exactly on a boundary; 72..96
+    # starts on one
+    "packed": [0, 5, 46, 50, 51, 72, 96],
+    # a document spanning three CP-4 ranks that starts mid-chunk, then one crossing the last boundary
+    "long": [0, 17, 70, 96],
+}
+# float64 throughout: the split changes only the order of the same arithmetic
+TOL = 1e-10
+
+
+KINDS = ["kda", "swa_tpa"]
+
+
+def _seed(kind: str, layout: str, cp: int) -> int:
+    return 7 + cp + 10 * list(LAYOUTS).index(layout) + 100 * KINDS.index(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _distributed(cp: int) -> dict:
+    """Every (kind, layout) case on ``cp`` gloo ranks, one process group for all (spawning dominates the cost)."""
+    cases = [(kind, layout) for kind in KINDS for layout in LAYOUTS]
+    results = run_distributed(layers_worker, cp, [(k, _seed(k, lay, cp), LAYOUTS[lay]) for k, lay in cases], TOTAL)
+    return {case: [rank_results[i] for rank_results in results] for i, case in enumerate(cases)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_layer_matches_one_process(kind, layout, cp):
+    reference = run_layer(kind, _seed(kind, layout, cp), LAYOUTS[layout], TOTAL)
+    results = _distributed(cp)[kind, layout]
+    out = torch.cat([r["out"] for r in results], dim=1)
+    x_grad = torch.cat([r["x_grad"] for r in results], dim=1)
+    assert rel(out, reference["out"]) < TOL
+    assert rel(x_grad, reference["x_grad"]) < TOL
+    for i, grad in enumerate(reference["param_grads"]):
+        assert grad.norm() > 0, f"parameter {i} has no gradient"
+        for r in results:
+            assert rel(r["param_grads"][i], grad) < TOL, f"parameter {i}"
