@@ -1,6 +1,6 @@
 """Per-rank bodies of the context-parallel layer tests (run through ``megatron_harness.run_distributed``), and the
-layer problems they share with the single-process reference: float64 parameters and inputs drawn from a seed, the
-whole packed sequence on every rank, each rank computing its contiguous chunk."""
+layer problems they share with the single-process reference: parameters and inputs drawn from a seed (float64 on the
+CPU), the whole packed sequence on every rank, each rank computing its contiguous chunk."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TPA_RANK, SINKS_HEADS, WINDOW = 2, HEADS, 8
 DTYPE = torch.float64
 
 
-def _linear(g: torch.Tensor, out: int, inp: int, bias: bool = True) -> torch.nn.Linear:
+def _linear(g: torch.Generator, out: int, inp: int, bias: bool = True) -> torch.nn.Linear:
     layer = torch.nn.Linear(inp, out, bias=bias, dtype=DTYPE)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(out, inp, generator=g, dtype=DTYPE) / inp**0.5)
@@ -30,56 +30,57 @@ def _param(value: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(value.to(DTYPE))
 
 
-def kda_problem(seed: int):
+def kda_problem(seed: int, hidden: int = HIDDEN, head_dim: int = HEAD_DIM):
     """A KDA layer's parameters (modules and tensors, float64) and its call ``layer(x, cp) -> out``. The default
     gate with slow decays (≈ 0.03 a token), so states carried over several chunks still matter."""
     g = torch.Generator().manual_seed(seed)
-    qk, vd = KDA_QK_HEADS * HEAD_DIM, KDA_V_HEADS * HEAD_DIM
+    qk, vd = KDA_QK_HEADS * head_dim, KDA_V_HEADS * head_dim
     mods = torch.nn.ModuleDict({
-        "q": _linear(g, qk, HIDDEN), "k": _linear(g, qk, HIDDEN), "v": _linear(g, vd, HIDDEN),
-        "f_a": _linear(g, HEAD_DIM, HIDDEN, bias=False), "f_b": _linear(g, KDA_V_HEADS * HEAD_DIM, HEAD_DIM),
-        "beta": _linear(g, KDA_V_HEADS, HIDDEN), "gate": _linear(g, vd, HIDDEN), "o": _linear(g, HIDDEN, vd)})
+        "q": _linear(g, qk, hidden), "k": _linear(g, qk, hidden), "v": _linear(g, vd, hidden),
+        "f_a": _linear(g, head_dim, hidden, bias=False), "f_b": _linear(g, KDA_V_HEADS * head_dim, head_dim),
+        "beta": _linear(g, KDA_V_HEADS, hidden), "gate": _linear(g, vd, hidden), "o": _linear(g, hidden, vd)})
     params = torch.nn.ParameterDict({
         "q_conv": _param(torch.randn(qk, CONV, generator=g, dtype=DTYPE) / CONV**0.5),
         "k_conv": _param(torch.randn(qk, CONV, generator=g, dtype=DTYPE) / CONV**0.5),
         "v_conv": _param(torch.randn(vd, CONV, generator=g, dtype=DTYPE) / CONV**0.5),
         "A_log": _param(-1.5 + 0.5 * torch.randn(KDA_V_HEADS, generator=g, dtype=DTYPE)),
-        "dt_bias": _param(-2.0 + 0.5 * torch.randn(KDA_V_HEADS * HEAD_DIM, generator=g, dtype=DTYPE)),
-        "o_norm": _param(1.0 + 0.2 * torch.randn(HEAD_DIM, generator=g, dtype=DTYPE))})
+        "dt_bias": _param(-2.0 + 0.5 * torch.randn(KDA_V_HEADS * head_dim, generator=g, dtype=DTYPE)),
+        "o_norm": _param(1.0 + 0.2 * torch.randn(head_dim, generator=g, dtype=DTYPE))})
 
     def layer(x, cp=None, cu_seqlens=None):
         out, _ = kda_layer(
             x, mods["q"], mods["k"], mods["v"], (params["q_conv"], params["k_conv"], params["v_conv"]),
             lambda h: mods["f_b"](mods["f_a"](h)), mods["beta"], params["A_log"], params["dt_bias"], mods["gate"],
-            params["o_norm"], mods["o"], head_dim=HEAD_DIM, lower_bound=None, eps=1e-6, cu_seqlens=cu_seqlens, cp=cp)
+            params["o_norm"], mods["o"], head_dim=head_dim, lower_bound=None, eps=1e-6, cu_seqlens=cu_seqlens, cp=cp)
         return out
 
     return layer, [*mods.parameters(), *params.parameters()]
 
 
-def swa_tpa_problem(seed: int):
+def swa_tpa_problem(seed: int, hidden: int = HIDDEN, head_dim: int = HEAD_DIM):
     """An SWA + TPA layer (contextual TPA on q, k, v; RoPE on the B factors with a learned plane basis; sinks)."""
     g = torch.Generator().manual_seed(seed)
     mods = torch.nn.ModuleDict({
-        f"{n}_{part}": _linear(g, TPA_RANK * (HEADS if part == "a" else HEAD_DIM), HIDDEN)
+        f"{n}_{part}": _linear(g, TPA_RANK * (HEADS if part == "a" else head_dim), hidden)
         for n in "qkv" for part in "ab"})
-    mods["o"] = _linear(g, HIDDEN, HEADS * HEAD_DIM)
+    mods["o"] = _linear(g, hidden, HEADS * head_dim)
     params = torch.nn.ParameterDict({f"{n}_a0": _param(torch.randn(TPA_RANK, HEADS, generator=g, dtype=DTYPE))
                                      for n in "qkv"})
     params["sinks"] = _param(torch.randn(SINKS_HEADS, generator=g, dtype=DTYPE))
-    params["plane_skew"] = _param(0.1 * torch.randn(HEAD_DIM, HEAD_DIM, generator=g, dtype=DTYPE))
-    inv_freq = 1.0 / 100.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=DTYPE) / HEAD_DIM)
+    params["plane_skew"] = _param(0.1 * torch.randn(head_dim, head_dim, generator=g, dtype=DTYPE))
+    inv_freq = 1.0 / 100.0 ** (torch.arange(0, head_dim, 2, dtype=DTYPE) / head_dim)
 
     def layer(x, cp=None, cu_seqlens=None):
         if cp is not None:
-            positions = cp.local_positions()
+            positions = cp.local_positions(x.device)
         else:
-            positions = token_positions(x.shape[1], "cpu", cu_seqlens)
-        cos, sin = rope_cos_sin(positions, inv_freq, 1.0)
+            positions = token_positions(x.shape[1], x.device, cu_seqlens)
+        cos, sin = rope_cos_sin(positions, inv_freq.to(x.device), 1.0)
         tpa = {n: TpaProjection(params[f"{n}_a0"], mods[f"{n}_a"], mods[f"{n}_b"]) for n in "qkv"}
         return swa_tpa_layer(x, tpa["q"], tpa["k"], tpa["v"], mods["o"], params["sinks"], cos, sin,
-                             head_dim=HEAD_DIM, window=WINDOW, plane_skew=params["plane_skew"],
-                             cu_seqlens=cu_seqlens, cp=cp, backend="reference")
+                             head_dim=head_dim, window=WINDOW, plane_skew=params["plane_skew"],
+                             cu_seqlens=cu_seqlens, cp=cp,
+                             backend="reference" if x.dtype == torch.float64 else "auto")
 
     return layer, [*mods.parameters(), *params.parameters()]
 
@@ -87,20 +88,23 @@ def swa_tpa_problem(seed: int):
 PROBLEMS = {"kda": kda_problem, "swa_tpa": swa_tpa_problem}
 
 
-def sequence(seed: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input x [1, total, HIDDEN] and the upstream gradient of the layer's output, fresh per seed."""
+def sequence(seed: int, total: int, hidden: int = HIDDEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input x [1, total, hidden] and the upstream gradient of the layer's output, fresh per seed."""
     g = torch.Generator().manual_seed(seed + 1000)
-    return (torch.randn(1, total, HIDDEN, generator=g, dtype=DTYPE),
-            torch.randn(1, total, HIDDEN, generator=g, dtype=DTYPE))
+    return (torch.randn(1, total, hidden, generator=g, dtype=DTYPE),
+            torch.randn(1, total, hidden, generator=g, dtype=DTYPE))
 
 
-def run_layer(kind: str, seed: int, bounds: list[int] | None, total: int, group=None) -> dict:
+def run_layer(kind: str, seed: int, bounds: list[int] | None, total: int, group=None, *, hidden: int = HIDDEN,
+              head_dim: int = HEAD_DIM, device: str = "cpu", dtype: torch.dtype = DTYPE) -> dict:
     """Forward and backward of one layer on the whole sequence (``group`` None) or on this rank's chunk of a
     context-parallel split over ``group``; parameter gradients summed over the group (as data-parallel
-    reduction over CP ranks does)."""
-    layer, params = PROBLEMS[kind](seed)
-    x, upstream = sequence(seed, total)
-    cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
+    reduction over CP ranks does). Results on the CPU."""
+    layer, params = PROBLEMS[kind](seed, hidden, head_dim)
+    for p in params:
+        p.data = p.data.to(device, dtype)
+    x, upstream = (t.to(device, dtype) for t in sequence(seed, total, hidden))
+    cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=device)
     if group is None:
         x = x.requires_grad_()
         out = layer(x, cu_seqlens=cu)
@@ -114,9 +118,26 @@ def run_layer(kind: str, seed: int, bounds: list[int] | None, total: int, group=
     if group is not None:
         for grad in grads:
             torch.distributed.all_reduce(grad, group=group)
-    return {"out": out.detach(), "x_grad": x.grad.clone(), "param_grads": grads}
+    return {"out": out.detach().cpu(), "x_grad": x.grad.cpu(), "param_grads": [g.cpu() for g in grads]}
 
 
 def layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[int] | None]], total: int) -> list[dict]:
     """:func:`run_layer` on this rank's chunk for each (kind, seed, bounds) case, in one process group."""
     return [run_layer(kind, seed, bounds, total, group=torch.distributed.group.WORLD) for kind, seed, bounds in cases]
+
+
+def gpu_layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[int] | None]], total: int,
+                      hidden: int, head_dim: int) -> list[dict]:
+    """On GPU ``rank`` (NCCL), each case: in float32 through fla's CP kernels (KDA, short convolutions) and
+    FlexAttention (SWA) ("fp32"); in float64 through the pure-torch CP algorithm over the same NCCL group ("fp64");
+    rank 0 also runs the whole sequence in float32 on its GPU without CP ("fp32_one_gpu")."""
+    group = torch.distributed.group.WORLD
+    results = []
+    for kind, seed, bounds in cases:
+        dims = {"hidden": hidden, "head_dim": head_dim, "device": "cuda"}
+        result = {"fp32": run_layer(kind, seed, bounds, total, group, dtype=torch.float32, **dims),
+                  "fp64": run_layer(kind, seed, bounds, total, group, dtype=torch.float64, **dims)}
+        if rank == 0:
+            result["fp32_one_gpu"] = run_layer(kind, seed, bounds, total, dtype=torch.float32, **dims)
+        results.append(result)
+    return results
