@@ -141,3 +141,43 @@ def gpu_layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[in
             result["fp32_one_gpu"] = run_layer(kind, seed, bounds, total, dtype=torch.float32, **dims)
         results.append(result)
     return results
+
+
+def megatron_student_worker(rank: int, world: int, plan: dict, seed: int, bounds: list[int] | None,
+                            total: int) -> dict:
+    """The Megatron student (TP = EP = 1) with context parallelism over all ``world`` ranks (1: none): logits of
+    this rank's chunk of a packed token sequence, gathered over CP, and the parameter gradients of
+    Σ logits · upstream (summed over CP ranks)."""
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_harness import VOCAB, hf_student
+    from megatron_student.megatron import ParallelConfig, build_student, initialize_parallel, load_hf_weights
+
+    parallel = ParallelConfig(context_parallel=world)
+    initialize_parallel(parallel)
+    hf = hf_student(plan, seed=seed)
+    model = build_student(hf.config, parallel)
+    load_hf_weights(model, hf.state_dict())
+    g = torch.Generator().manual_seed(seed + 500)
+    tokens = torch.randint(0, VOCAB, (1, total), generator=g)
+    upstream = torch.randn(1, total, VOCAB, generator=g)
+    params = None
+    if bounds is not None:
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        lengths = cu.diff()
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+    chunk = total // world
+    local = slice(rank * chunk, (rank + 1) * chunk)
+    logits = model(tokens[:, local], None, None, packed_seq_params=params)[..., :VOCAB]
+    (logits * upstream[:, local]).sum().backward()
+    cp_group = parallel_state.get_context_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(world)]
+    torch.distributed.all_gather(parts, logits.detach().contiguous(), group=cp_group)
+    grads = {}
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        torch.distributed.all_reduce(grad, group=cp_group)
+        grads[name] = grad
+    return {"logits": torch.cat(parts, dim=1), "grads": grads} if rank == 0 else {}

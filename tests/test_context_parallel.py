@@ -1,14 +1,15 @@
 """Context parallelism on CPU (gloo): the KDA and SWA + TPA layers with the sequence split into contiguous chunks
 over CP = 2 and 4 ranks equal the whole sequence on one process — outputs, input gradients and parameter gradients —
-with packed documents crossing the rank boundaries."""
+with packed documents crossing the rank boundaries; the Megatron student at CP = 2 equals CP = 1 (logits and
+parameter gradients)."""
 
 import functools
 
 import pytest
 import torch
 
-from context_parallel_workers import layers_worker, run_layer
-from megatron_harness import rel, run_distributed
+from context_parallel_workers import layers_worker, megatron_student_worker, run_layer
+from megatron_harness import MIXED_PLAN, rel, run_distributed
 
 TOTAL = 96  # CP = 4: chunks [0, 24) [24, 48) [48, 72) [72, 96); CP = 2: [0, 48) [48, 96)
 LAYOUTS = {
@@ -23,6 +24,9 @@ LAYOUTS = {
 }
 # float64 throughout: the split changes only the order of the same arithmetic
 TOL = 1e-10
+# the Megatron student in fp32: tolerances of test_megatron_parallel (reduction order; e.g. GRAPE-M's plane-skew
+# gradient sums many cancelling terms); the fp64 layer tests above bound the CP math itself
+MEGATRON_LOGITS_TOL, MEGATRON_GRAD_TOL = 1e-5, 1e-4
 
 
 KINDS = ["kda", "swa_tpa"]
@@ -54,3 +58,18 @@ def test_context_parallel_layer_matches_one_process(kind, layout, cp):
         assert grad.norm() > 0, f"parameter {i} has no gradient"
         for r in results:
             assert rel(r["param_grads"][i], grad) < TOL, f"parameter {i}"
+
+
+CP_PLAN = {**MIXED_PLAN, "kinds": ["swa_tpa", "kda", "softmax_sliding", "kda"]}  # every kind with a CP path
+
+
+@pytest.mark.parametrize("bounds", [None, [0, 5, 30, 33, 64]], ids=["one_document", "packed"])
+def test_megatron_student_context_parallel_matches_one_process(bounds):
+    total = 64  # CP = 2: chunks [0, 32) and [32, 64); the window is 8
+    single = run_distributed(megatron_student_worker, 1, CP_PLAN, 11, bounds, total)[0]
+    split = run_distributed(megatron_student_worker, 2, CP_PLAN, 11, bounds, total)[0]
+    assert rel(split["logits"], single["logits"]) < MEGATRON_LOGITS_TOL
+    assert set(split["grads"]) == set(single["grads"])
+    for name, grad in single["grads"].items():
+        assert grad.norm() > 0, f"{name} has no gradient"
+        assert rel(split["grads"][name], grad) < MEGATRON_GRAD_TOL, name
