@@ -143,21 +143,22 @@ def gpu_layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[in
     return results
 
 
-def megatron_student_worker(rank: int, world: int, plan: dict, seed: int, bounds: list[int] | None,
-                            total: int) -> dict:
-    """The Megatron student (TP = EP = 1) with context parallelism over all ``world`` ranks (1: none): logits of
-    this rank's chunk of a packed token sequence, gathered over CP, and the parameter gradients of
-    Σ logits · upstream (summed over CP ranks)."""
+def megatron_worker(rank: int, world: int, which: str, plan: dict | None, seed: int, bounds: list[int] | None,
+                    total: int) -> dict:
+    """The Megatron student or teacher (``which``; TP = EP = 1) with context parallelism over all ``world`` ranks
+    (1: none): logits of this rank's chunk of a packed token sequence, gathered over CP, and the parameter gradients
+    of Σ logits · upstream (summed over CP ranks)."""
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megatron_harness import VOCAB, hf_student
-    from megatron_student.megatron import ParallelConfig, build_student, initialize_parallel, load_hf_weights
+    from megatron_harness import VOCAB, hf_student, hf_teacher
+    from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
+                                           load_hf_weights)
 
     parallel = ParallelConfig(context_parallel=world)
     initialize_parallel(parallel)
-    hf = hf_student(plan, seed=seed)
-    model = build_student(hf.config, parallel)
+    hf = hf_student(plan, seed=seed) if which == "student" else hf_teacher(seed=seed)
+    model = build_student(hf.config, parallel) if which == "student" else build_teacher(hf.config, parallel)
     load_hf_weights(model, hf.state_dict())
     g = torch.Generator().manual_seed(seed + 500)
     tokens = torch.randint(0, VOCAB, (1, total), generator=g)
@@ -181,3 +182,9 @@ def megatron_student_worker(rank: int, world: int, plan: dict, seed: int, bounds
         torch.distributed.all_reduce(grad, group=cp_group)
         grads[name] = grad
     return {"logits": torch.cat(parts, dim=1), "grads": grads} if rank == 0 else {}
+
+
+def megatron_cases_worker(rank: int, world: int, cases: list[tuple[str, dict | None, int, list[int] | None, int]]
+                          ) -> list[dict]:
+    """:func:`megatron_worker` for each (which, plan, seed, bounds, total) case, in one process group."""
+    return [megatron_worker(rank, world, *case) for case in cases]

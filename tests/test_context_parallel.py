@@ -1,14 +1,14 @@
 """Context parallelism on CPU (gloo): the KDA and SWA + TPA layers with the sequence split into contiguous chunks
 over CP = 2 and 4 ranks equal the whole sequence on one process — outputs, input gradients and parameter gradients —
-with packed documents crossing the rank boundaries; the Megatron student at CP = 2 equals CP = 1 (logits and
-parameter gradients)."""
+with packed documents crossing the rank boundaries; the Megatron student (every attention kind) and teacher at
+CP = 2 equal CP = 1 (logits and parameter gradients)."""
 
 import functools
 
 import pytest
 import torch
 
-from context_parallel_workers import layers_worker, megatron_student_worker, run_layer
+from context_parallel_workers import layers_worker, megatron_cases_worker, run_layer
 from megatron_harness import MIXED_PLAN, rel, run_distributed
 
 TOTAL = 96  # CP = 4: chunks [0, 24) [24, 48) [48, 72) [72, 96); CP = 2: [0, 48) [48, 96)
@@ -60,14 +60,23 @@ def test_context_parallel_layer_matches_one_process(kind, layout, cp):
             assert rel(r["param_grads"][i], grad) < TOL, f"parameter {i}"
 
 
-CP_PLAN = {**MIXED_PLAN, "kinds": ["swa_tpa", "kda", "softmax_sliding", "kda"]}  # every kind with a CP path
+MEGATRON_CASES = [(which, bounds) for which in ("student", "teacher") for bounds in ("one_document", "packed")]
+MEGATRON_BOUNDS = {"one_document": None, "packed": [0, 5, 30, 33, 64]}  # CP = 2: [0, 32) [32, 64); window 8
 
 
-@pytest.mark.parametrize("bounds", [None, [0, 5, 30, 33, 64]], ids=["one_document", "packed"])
-def test_megatron_student_context_parallel_matches_one_process(bounds):
-    total = 64  # CP = 2: chunks [0, 32) and [32, 64); the window is 8
-    single = run_distributed(megatron_student_worker, 1, CP_PLAN, 11, bounds, total)[0]
-    split = run_distributed(megatron_student_worker, 2, CP_PLAN, 11, bounds, total)[0]
+@functools.lru_cache(maxsize=None)
+def _megatron(world: int) -> dict:
+    cases = [(which, MIXED_PLAN if which == "student" else None, 11, MEGATRON_BOUNDS[bounds], 64)
+             for which, bounds in MEGATRON_CASES]
+    results = run_distributed(megatron_cases_worker, world, cases)[0]
+    return dict(zip(MEGATRON_CASES, results))
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("bounds", list(MEGATRON_BOUNDS))
+def test_megatron_context_parallel_matches_one_process(which, bounds):
+    """Every attention kind (MIXED_PLAN: SWA + TPA, KDA, softmax sliding and full) and the gpt-oss teacher."""
+    single, split = _megatron(1)[which, bounds], _megatron(2)[which, bounds]
     assert rel(split["logits"], single["logits"]) < MEGATRON_LOGITS_TOL
     assert set(split["grads"]) == set(single["grads"])
     for name, grad in single["grads"].items():

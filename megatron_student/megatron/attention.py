@@ -15,8 +15,8 @@ Positions restart in every packed document (``packed_seq_params.cu_seqlens_q``, 
 Context parallelism (``config.context_parallel_size`` > 1): each CP rank holds one contiguous chunk of a batch-1
 packed sequence (``ops.context_parallel``); ``packed_seq_params`` (None: one document) describes the documents of
 the whole sequence, so positions and document boundaries are the global ones. Sliding windows (SWA + TPA, softmax
-sliding) exchange a halo with the previous CP rank, KDA chains its state over the CP ranks; full causal softmax
-attention has no CP path (it refuses).
+sliding) exchange a halo with the previous CP rank, KDA chains its state over the CP ranks, full causal softmax
+attention (the teacher's full_attention layers) all-gathers keys and values.
 """
 
 from __future__ import annotations

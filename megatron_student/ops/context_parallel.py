@@ -13,6 +13,9 @@ contiguous chunk, the layout of fla's ``build_cp_context`` (``layout='contiguous
 * The causal short convolutions and sliding-window attention see a bounded past: the previous rank's last
   ``kernel − 1`` (convolution) or ``window − 1`` (attention) positions, sent once (a halo exchange), not the
   all-gather or all-to-all of full-attention CP.
+* Full causal softmax attention (the teacher's ``full_attention`` layers) needs the whole prefix: keys and values
+  are all-gathered (Megatron's ``allgather`` CP method, exact) and each rank attends its queries to the keys up to
+  its chunk's end. With contiguous chunks the last rank does the most work; the teacher runs without gradients.
 
 Packed documents (``cu_seqlens`` of the whole sequence, known to every rank) may cross rank boundaries: a rank's
 first local document continues from the previous ranks only for the tokens it really has there; the state and
@@ -44,6 +47,7 @@ from .rope import token_positions
 __all__ = [
     "ContextParallel",
     "context_parallel_split",
+    "gather_sequence",
     "kda_context_parallel",
     "kda_from_logits_context_parallel",
     "pad_queries_for_halo",
@@ -189,6 +193,27 @@ def receive_from_previous(tail: torch.Tensor, cp: ContextParallel) -> torch.Tens
     """Every rank sends ``tail`` to the next rank and returns the previous rank's (zeros on the first rank). The
     gradient of the returned tensor goes back to the previous rank's ``tail``."""
     return _FromPrevious.apply(tail, cp.group)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(cp.size)]
+        dist.all_gather(parts, x.contiguous(), group=cp.group)
+        ctx.cp = cp
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cp = ctx.cp
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=cp.group)  # every rank's use of this rank's positions
+        return grad.narrow(1, cp.start, cp.local_len), None
+
+
+def gather_sequence(x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """The whole sequence [1, T, ...] from every rank's chunk [1, L, ...]; gradients return to their owners."""
+    return _GatherSequence.apply(x, cp)
 
 
 def _chain(summaries: torch.Tensor, first: int, last: int, value_dim: int) -> torch.Tensor:

@@ -14,8 +14,8 @@ tokens of a left-padded batch (None: all real): padding keys are masked, and pad
 convolutions nor its state.
 ``cp`` (``ops.context_parallel.ContextParallel``): x is this rank's contiguous chunk [1, L, hidden] of one packed
 sequence split over a context-parallel group (its documents in ``cp``, so ``cu_seqlens`` stays None); sliding
-windows take the previous rank's last window − 1 positions (a halo), KDA its state chain. Training only: no cache,
-no padding.
+windows take the previous rank's last window − 1 positions (a halo), KDA its state chain, full attention the
+all-gathered keys and values. Training only: no cache, no padding.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from .attention import sink_attention
-from .context_parallel import (ContextParallel, kda_from_logits_context_parallel, pad_queries_for_halo,
-                               short_conv_context_parallel, sliding_window_halo)
+from .context_parallel import (ContextParallel, gather_sequence, kda_from_logits_context_parallel,
+                               pad_queries_for_halo, short_conv_context_parallel, sliding_window_halo)
 from .kda import causal_short_conv, kda_from_logits
 from .norm import gated_rms_norm
 from .rope import apply_rotary, rotation
@@ -47,10 +47,10 @@ def softmax_sink_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, 
     q = apply_rotary(q_proj(x).view(B, T, -1, head_dim), cos, sin)
     k = apply_rotary(k_proj(x).view(B, T, -1, head_dim), cos, sin)
     v = v_proj(x).view(B, T, -1, head_dim)
+    if cp is not None and window is None:
+        o = _full_attention_context_parallel(q, k, v, sinks, cp, cu_seqlens, valid, extend, backend)
+        return o_proj(o.reshape(B, T, -1))
     if cp is not None:
-        if window is None:
-            raise ValueError("softmax_sink_layer: full causal attention has no context-parallel implementation "
-                             "(only sliding windows exchange a halo)")
         o = _sliding_attention_context_parallel(q, {"k": k, "v": v}, lambda kv: (kv["k"], kv["v"]), sinks, window,
                                                 cp, cu_seqlens, valid, extend, backend)
         return o_proj(o.reshape(B, T, -1))
@@ -62,13 +62,26 @@ def softmax_sink_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, 
     return o_proj(o.reshape(B, T, -1))
 
 
+def _check_context_parallel_call(cu_seqlens, valid, extend) -> None:
+    if cu_seqlens is not None or valid is not None or extend is not None:
+        raise ValueError("context parallelism takes the documents from cp (cu_seqlens None), no padding (valid) and "
+                         "no cache (extend)")
+
+
+def _full_attention_context_parallel(q, k, v, sinks, cp, cu_seqlens, valid, extend, backend):
+    """Full causal attention of this rank's queries over the all-gathered keys and values up to its chunk's end."""
+    _check_context_parallel_call(cu_seqlens, valid, extend)
+    end = cp.start + cp.local_len
+    k, v = (gather_sequence(t, cp)[:, :end] for t in (k, v))
+    bounds = torch.tensor([b for b in cp.bounds if b < end] + [end], dtype=torch.int32, device=q.device)
+    return sink_attention(q, k, v, sinks, cu_seqlens=bounds, backend=backend)
+
+
 def _sliding_attention_context_parallel(q, per_position, keys_values, sinks, window, cp, cu_seqlens, valid, extend,
                                         backend):
     """Sliding-window attention of this rank's queries over its keys and the previous rank's last window − 1
     (``per_position`` tensors, exchanged before ``keys_values`` turns them into k, v)."""
-    if cu_seqlens is not None or valid is not None or extend is not None:
-        raise ValueError("context parallelism takes the documents from cp (cu_seqlens None), no padding (valid) and "
-                         "no cache (extend)")
+    _check_context_parallel_call(cu_seqlens, valid, extend)
     extended, bounds = sliding_window_halo(per_position, cp, window)
     k, v = keys_values(extended)
     o = sink_attention(pad_queries_for_halo(q, window - 1), k, v, sinks, window=window, cu_seqlens=bounds,
