@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_student.ops.context_parallel import context_parallel_split
+from megatron_student.ops.context_parallel import context_parallel_split, sliding_window_halo
 from megatron_student.ops.layers import kda_layer, swa_tpa_layer
 from megatron_student.ops.rope import rope_cos_sin, token_positions
 from megatron_student.ops.tpa import TpaProjection
@@ -121,9 +121,35 @@ def run_layer(kind: str, seed: int, bounds: list[int] | None, total: int, group=
     return {"out": out.detach().cpu(), "x_grad": x.grad.cpu(), "param_grads": [g.cpu() for g in grads]}
 
 
-def layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[int] | None]], total: int) -> list[dict]:
-    """:func:`run_layer` on this rank's chunk for each (kind, seed, bounds) case, in one process group."""
-    return [run_layer(kind, seed, bounds, total, group=torch.distributed.group.WORLD) for kind, seed, bounds in cases]
+def layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[int] | None]], total: int) -> dict:
+    """:func:`run_layer` on this rank's chunk for each (kind, seed, bounds) case, in one process group, and the
+    messages of the errors that bad splits raise."""
+    group = torch.distributed.group.WORLD
+    return {"results": [run_layer(kind, seed, bounds, total, group=group) for kind, seed, bounds in cases],
+            "errors": split_errors(group, total)}
+
+
+def split_errors(group, total: int) -> list[str]:
+    """Messages of: a length that does not divide over the group; a window longer than a chunk; cu_seqlens that
+    do not end at the sequence length; documents passed both in cp and as cu_seqlens."""
+    chunk = total // group.size()
+    x = torch.zeros(1, chunk, HIDDEN, dtype=DTYPE)
+    attempts = [
+        lambda: context_parallel_split(None, total + 1, group),
+        lambda: sliding_window_halo({"k_b": x[:, :2]}, context_parallel_split(None, 2 * group.size(), group), WINDOW),
+        lambda: context_parallel_split(torch.tensor([0, 5, total - 1]), total, group),
+        lambda: kda_problem(0)[0](x, cp=context_parallel_split(None, total, group),
+                                  cu_seqlens=torch.tensor([0, chunk], dtype=torch.int32)),
+    ]
+    messages = []
+    for attempt in attempts:
+        try:
+            attempt()
+        except ValueError as error:
+            messages.append(str(error))
+        else:
+            messages.append("no error")
+    return messages
 
 
 def gpu_layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[int] | None]], total: int,

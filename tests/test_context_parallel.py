@@ -40,8 +40,18 @@ def _seed(kind: str, layout: str, cp: int) -> int:
 def _distributed(cp: int) -> dict:
     """Every (kind, layout) case on ``cp`` gloo ranks, one process group for all (spawning dominates the cost)."""
     cases = [(kind, layout) for kind in KINDS for layout in LAYOUTS]
-    results = run_distributed(layers_worker, cp, [(k, _seed(k, lay, cp), LAYOUTS[lay]) for k, lay in cases], TOTAL)
-    return {case: [rank_results[i] for rank_results in results] for i, case in enumerate(cases)}
+    ranks = run_distributed(layers_worker, cp, [(k, _seed(k, lay, cp), LAYOUTS[lay]) for k, lay in cases], TOTAL)
+    results = {case: [r["results"][i] for r in ranks] for i, case in enumerate(cases)}
+    results["errors"] = ranks[0]["errors"]
+    return results
+
+
+def test_bad_context_parallel_splits_name_the_problem():
+    length, halo, bounds, both = _distributed(2)["errors"]
+    assert "97 must be a positive multiple of the context-parallel size 2" in length
+    assert "halo of 7 positions needs chunks at least that long; the chunk has 2 tokens" in halo
+    assert "must be 1-D, start at 0 and end at the sequence length 96" in bounds
+    assert "kda_layer: context parallelism takes the documents from cp (cu_seqlens None)" in both
 
 
 @pytest.mark.parametrize("kind", KINDS)
