@@ -169,11 +169,9 @@ def gpu_layers_worker(rank: int, world: int, cases: list[tuple[str, int, list[in
     return results
 
 
-def megatron_worker(rank: int, world: int, which: str, plan: dict | None, seed: int, bounds: list[int] | None,
-                    total: int) -> dict:
-    """The Megatron student or teacher (``which``; TP = EP = 1) with context parallelism over all ``world`` ranks
-    (1: none): logits of this rank's chunk of a packed token sequence, gathered over CP, and the parameter gradients
-    of Σ logits · upstream (summed over CP ranks)."""
+def _megatron_chunk(which: str, plan: dict | None, seed: int, bounds: list[int] | None, total: int, tp: int, cp: int):
+    """Process groups for (TP, CP), the Megatron model on the seed's random HF weights, and this CP rank's chunk of
+    the token sequence, its upstream gradient [1, L, VOCAB] and the packed-sequence parameters."""
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -181,7 +179,7 @@ def megatron_worker(rank: int, world: int, which: str, plan: dict | None, seed: 
     from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
                                            load_hf_weights)
 
-    parallel = ParallelConfig(context_parallel=world)
+    parallel = ParallelConfig(tensor_parallel=tp, context_parallel=cp)
     initialize_parallel(parallel)
     hf = hf_student(plan, seed=seed) if which == "student" else hf_teacher(seed=seed)
     model = build_student(hf.config, parallel) if which == "student" else build_teacher(hf.config, parallel)
@@ -192,25 +190,59 @@ def megatron_worker(rank: int, world: int, which: str, plan: dict | None, seed: 
     params = None
     if bounds is not None:
         cu = torch.tensor(bounds, dtype=torch.int32)
-        lengths = cu.diff()
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                 max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
-    chunk = total // world
-    local = slice(rank * chunk, (rank + 1) * chunk)
-    logits = model(tokens[:, local], None, None, packed_seq_params=params)[..., :VOCAB]
-    (logits * upstream[:, local]).sum().backward()
-    cp_group = parallel_state.get_context_parallel_group()
-    parts = [torch.empty_like(logits) for _ in range(world)]
-    torch.distributed.all_gather(parts, logits.detach().contiguous(), group=cp_group)
+        longest = int(cu.diff().max())
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                 max_seqlen_kv=longest)
+    chunk, cp_rank = total // cp, parallel_state.get_context_parallel_rank()
+    local = slice(cp_rank * chunk, (cp_rank + 1) * chunk)
+    return model, tokens[:, local], upstream[:, local], params
+
+
+def _gather_over_cp(logits: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, logits.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def megatron_worker(rank: int, world: int, which: str, plan: dict | None, seed: int, bounds: list[int] | None,
+                    total: int) -> dict:
+    """The Megatron student or teacher (``which``; TP = EP = 1) with context parallelism over all ``world`` ranks
+    (1: none): logits of this rank's chunk of a packed token sequence, gathered over CP, and the parameter gradients
+    of Σ logits · upstream (summed over CP ranks)."""
+    from megatron.core import parallel_state
+
+    from megatron_harness import VOCAB
+
+    model, tokens, upstream, params = _megatron_chunk(which, plan, seed, bounds, total, 1, world)
+    logits = model(tokens, None, None, packed_seq_params=params)[..., :VOCAB]
+    (logits * upstream).sum().backward()
     grads = {}
     for name, p in model.named_parameters():
         grad = p.grad.clone()
-        torch.distributed.all_reduce(grad, group=cp_group)
+        torch.distributed.all_reduce(grad, group=parallel_state.get_context_parallel_group())
         grads[name] = grad
-    return {"logits": torch.cat(parts, dim=1), "grads": grads} if rank == 0 else {}
+    gathered = _gather_over_cp(logits)  # a collective: every rank takes part
+    return {"logits": gathered, "grads": grads} if rank == 0 else {}
 
 
-def megatron_cases_worker(rank: int, world: int, cases: list[tuple[str, dict | None, int, list[int] | None, int]]
-                          ) -> list[dict]:
-    """:func:`megatron_worker` for each (which, plan, seed, bounds, total) case, in one process group."""
-    return [megatron_worker(rank, world, *case) for case in cases]
+def megatron_tp_cp_worker(rank: int, world: int, which: str, plan: dict | None, seed: int, bounds: list[int] | None,
+                          total: int) -> dict:
+    """TP = 2 × CP = world / 2 (sequence parallel inside each CP chunk): logits gathered over TP and CP."""
+    from megatron_harness_workers import gather_logits
+
+    model, tokens, _, params = _megatron_chunk(which, plan, seed, bounds, total, 2, world // 2)
+    with torch.no_grad():
+        logits = gather_logits(model(tokens, None, None, packed_seq_params=params))
+    gathered = _gather_over_cp(logits)  # a collective: every rank takes part
+    return {"logits": gathered} if rank == 0 else {}
+
+
+def megatron_cases_worker(rank: int, world: int, cases: list[tuple[str, dict | None, int, list[int] | None, int]],
+                          tensor_parallel: bool = False) -> list[dict]:
+    """:func:`megatron_worker` (or :func:`megatron_tp_cp_worker`) for each (which, plan, seed, bounds, total) case,
+    in one process group."""
+    worker = megatron_tp_cp_worker if tensor_parallel else megatron_worker
+    return [worker(rank, world, *case) for case in cases]

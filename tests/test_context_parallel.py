@@ -75,10 +75,10 @@ MEGATRON_BOUNDS = {"one_document": None, "packed": [0, 5, 30, 33, 64]}  # CP = 2
 
 
 @functools.lru_cache(maxsize=None)
-def _megatron(world: int) -> dict:
+def _megatron(world: int, tensor_parallel: bool = False) -> dict:
     cases = [(which, MIXED_PLAN if which == "student" else None, 11, MEGATRON_BOUNDS[bounds], 64)
              for which, bounds in MEGATRON_CASES]
-    results = run_distributed(megatron_cases_worker, world, cases)[0]
+    results = run_distributed(megatron_cases_worker, world, cases, tensor_parallel)[0]
     return dict(zip(MEGATRON_CASES, results))
 
 
@@ -92,3 +92,11 @@ def test_megatron_context_parallel_matches_one_process(which, bounds):
     for name, grad in single["grads"].items():
         assert grad.norm() > 0, f"{name} has no gradient"
         assert rel(split["grads"][name], grad) < MEGATRON_GRAD_TOL, name
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("bounds", list(MEGATRON_BOUNDS))
+def test_megatron_tensor_and_context_parallel_logits(which, bounds):
+    """TP = 2 × CP = 2 (4 ranks, sequence parallel within each chunk) equals one process."""
+    split = _megatron(4, tensor_parallel=True)[which, bounds]
+    assert rel(split["logits"], _megatron(1)[which, bounds]["logits"]) < MEGATRON_LOGITS_TOL
