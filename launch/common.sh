@@ -54,8 +54,9 @@
 #                     works without Slurm (placeholders: one node, MASTER_ADDR=localhost).
 #   ALLOW_CONTEXT_PARALLEL  1: do not refuse context-parallel overrides (see below).
 #
-# Context parallelism: KDA layers have no context-parallel implementation (neither Megatron-Core
-# 0.16.1 nor upstream), so the launcher refuses overrides that set a context-parallel size > 1.
+# Context parallelism: the model has it (megatron_student/ops/context_parallel.py, ParallelConfig.context_parallel)
+# but the trainer does not split batches over context-parallel ranks yet, so the launcher refuses overrides that
+# set a context-parallel size > 1.
 
 set -euo pipefail
 
@@ -86,7 +87,7 @@ ms_resolve_common() {
     [[ "$kv" == *=* && "$kv" != =* ]] || ms_die "override '$kv' is not of the form key=value"
     if [[ "${ALLOW_CONTEXT_PARALLEL:-0}" != 1 && "${kv%%=*}" =~ (^|[._])(context_parallel(_size)?|cp(_size)?)$ \
           && "${kv#*=}" =~ ^[0-9]+$ && "${kv#*=}" -gt 1 ]]; then
-      ms_die "'$kv': context parallelism is not supported for KDA layers yet (keep it at 1; scale long" \
+      ms_die "'$kv': context parallelism is not supported by the trainer yet (keep it at 1; scale long" \
              "context with TP + sequence parallel and activation recompute instead)"
     fi
   done

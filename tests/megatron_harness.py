@@ -90,12 +90,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, backend: str, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:  # noqa: BLE001 - the parent re-raises with the rank's traceback
@@ -109,13 +111,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
             torch.distributed.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return the per-rank results.
-    ``fn`` must be importable (module level) and its results picklable."""
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes (``backend="nccl"``: one GPU each);
+    return the per-rank results. ``fn`` must be importable (module level) and its results picklable."""
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, out_dir, fn, args)) for r in range(world_size)]
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, out_dir, backend, fn, args))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:

@@ -11,6 +11,12 @@ backward reduces the input gradient over TP), applies its local projections to t
 through a ``RowParallelLinear`` ``o_proj`` (reduce-scatter under SP, all-reduce otherwise).
 
 Positions restart in every packed document (``packed_seq_params.cu_seqlens_q``, batch 1), as in the HF student.
+
+Context parallelism (``config.context_parallel_size`` > 1): each CP rank holds one contiguous chunk of a batch-1
+packed sequence (``ops.context_parallel``); ``packed_seq_params`` (None: one document) describes the documents of
+the whole sequence, so positions and document boundaries are the global ones. Sliding windows (SWA + TPA, softmax
+sliding) exchange a halo with the previous CP rank, KDA chains its state over the CP ranks, full causal softmax
+attention (the teacher's full_attention layers) all-gathers keys and values.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+from ..ops.context_parallel import ContextParallel, context_parallel_split
 from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
 from ..ops.rope import rope_cos_sin, token_positions
 from ..ops.tpa import named_projection
@@ -47,13 +54,14 @@ class _TensorParallelAttention(MegatronModule):
         super().__init__(config=config)
         if attention_spec is None:
             raise ValueError("attention modules need `attention_spec` (student.spec) in their ModuleSpec params")
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism is not supported by the student/teacher attention modules")
         self.spec, self.backend = attention_spec, backend
         self.layer_number = layer_number
         self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         # Plain attribute, not a buffer: a bf16 cast of the module must not round the frequencies.
         self._inv_freq = attention_spec.rope.inv_freq()
 
@@ -86,6 +94,18 @@ class _TensorParallelAttention(MegatronModule):
         if packed_seq_params.cu_seqlens_kv is not None and not torch.equal(cu, packed_seq_params.cu_seqlens_kv):
             raise ValueError("self-attention needs cu_seqlens_q == cu_seqlens_kv")
         return cu
+
+    def _documents(self, packed_seq_params, x: torch.Tensor):
+        """(cu_seqlens of this call, None) without CP; (None, this rank's ``ContextParallel`` chunk) with CP."""
+        cu_seqlens = self._cu_seqlens(packed_seq_params, x.shape[0])
+        if self.cp_group is None:
+            return cu_seqlens, None
+        if x.shape[0] != 1:
+            raise ValueError(f"context parallelism takes one packed sequence (batch 1) per step, got batch {x.shape[0]}")
+        return None, context_parallel_split(cu_seqlens, x.shape[1] * self.cp_group.size(), self.cp_group)
+
+    def _positions(self, x: torch.Tensor, cu_seqlens, cp: ContextParallel | None) -> torch.Tensor:
+        return token_positions(x.shape[1], x.device, cu_seqlens) if cp is None else cp.local_positions(x.device)
 
     def _cos_sin(self, ids: torch.Tensor, inv_freq: torch.Tensor | None = None):
         inv_freq = self._inv_freq.to(ids.device) if inv_freq is None else inv_freq
@@ -122,11 +142,11 @@ class ParallelSoftmaxAttention(_TensorParallelAttention):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
-        cu_seqlens = self._cu_seqlens(packed_seq_params, x.shape[0])
-        cos, sin = self._cos_sin(token_positions(x.shape[1], x.device, cu_seqlens))
+        cu_seqlens, cp = self._documents(packed_seq_params, x)
+        cos, sin = self._cos_sin(self._positions(x, cu_seqlens, cp))
         return softmax_sink_layer(
             x, self.q_proj, self.k_proj, self.v_proj, self._exit, self.sinks, cos, sin, head_dim=self.spec.head_dim,
-            window=self.spec.window, cu_seqlens=cu_seqlens, backend=self.backend)
+            window=self.spec.window, cu_seqlens=cu_seqlens, backend=self.backend, cp=cp)
 
 
 class ParallelSwaTpaAttention(_TensorParallelAttention):
@@ -160,8 +180,8 @@ class ParallelSwaTpaAttention(_TensorParallelAttention):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
-        cu_seqlens = self._cu_seqlens(packed_seq_params, x.shape[0])
-        ids = token_positions(x.shape[1], x.device, cu_seqlens)
+        cu_seqlens, cp = self._documents(packed_seq_params, x)
+        ids = self._positions(x, cu_seqlens, cp)
         if self.spec.grape:
             (cos, sin), skew = self._cos_sin(ids, self.rope_freq), self.plane_skew
         else:
@@ -170,7 +190,7 @@ class ParallelSwaTpaAttention(_TensorParallelAttention):
         return swa_tpa_layer(
             x, q, k, v, self._exit, self.sinks, cos, sin,
             head_dim=self.spec.head_dim, window=self.spec.window, plane_skew=skew, cu_seqlens=cu_seqlens,
-            backend=self.backend)
+            backend=self.backend, cp=cp)
 
 
 class ParallelKdaAttention(_TensorParallelAttention):
@@ -210,12 +230,12 @@ class ParallelKdaAttention(_TensorParallelAttention):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
-        cu_seqlens = self._cu_seqlens(packed_seq_params, x.shape[0])
+        cu_seqlens, cp = self._documents(packed_seq_params, x)
         out, _ = kda_layer(
             x, self.q_proj, self.k_proj, self.v_proj, (self.q_conv_weight, self.k_conv_weight, self.v_conv_weight),
             lambda h: self.f_b_proj(self.f_a_proj(h)), self.b_proj, self.A_log, self.dt_bias,
             lambda h: self.g_b_proj(self.g_a_proj(h)), self.o_norm_weight, self._exit, head_dim=self.spec.head_dim,
-            lower_bound=self.spec.lower_bound, eps=self.spec.norm_eps, cu_seqlens=cu_seqlens)
+            lower_bound=self.spec.lower_bound, eps=self.spec.norm_eps, cu_seqlens=cu_seqlens, cp=cp)
         return out
 
 

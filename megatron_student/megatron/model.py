@@ -44,6 +44,7 @@ class ParallelConfig:
 
     tensor_parallel: int = 1
     expert_parallel: int = 1
+    context_parallel: int = 1  # contiguous sequence chunks (ops.context_parallel); batch 1 packed sequences
     sequence_parallel: bool | None = None
     dispatcher: str = "allgather"  # or "alltoall"
     params_dtype: torch.dtype = torch.float32
@@ -74,6 +75,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0) -> None:
         tensor_model_parallel_size=parallel.tensor_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=1,
+        context_parallel_size=parallel.context_parallel,
     )
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -125,6 +127,7 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
         tensor_model_parallel_size=parallel.tensor_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=1,
+        context_parallel_size=parallel.context_parallel,
         sequence_parallel=parallel.uses_sequence_parallel,
         params_dtype=parallel.params_dtype,
         bf16=parallel.params_dtype == torch.bfloat16,
@@ -169,7 +172,8 @@ def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("call megatron_student.megatron.initialize_parallel(parallel) before building a model")
     if parallel_state.get_tensor_model_parallel_world_size() != parallel.tensor_parallel or \
-            parallel_state.get_expert_model_parallel_world_size() != parallel.expert_parallel:
+            parallel_state.get_expert_model_parallel_world_size() != parallel.expert_parallel or \
+            parallel_state.get_context_parallel_world_size() != parallel.context_parallel:
         raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
     config = transformer_config(hf_config, parallel)
     limit = swiglu_limit(hf_config)

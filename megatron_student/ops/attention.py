@@ -4,7 +4,8 @@ p_ij = exp(ℓ_ij) / (exp(s_h) + Σ_j' exp(ℓ_ij')), ℓ = scaled, masked q·k;
 A sliding window of W keeps W keys including the current one (q − W < k ≤ q).
 
 Layout is [B, T, H, D]. Queries are the last Tq positions of the Tk keys: Tq == Tk when training, Tq < Tk
-when decoding against a cache. ``cu_seqlens`` (B = 1, packed) keeps attention inside each document.
+when decoding against a cache or attending to earlier context-parallel chunks. ``cu_seqlens`` (B = 1, packed;
+boundaries of the Tk key positions) keeps attention inside each document.
 ``key_mask`` [B, Tk] (bool) hides padding keys of left-padded batches; a query always sees itself, so a
 padding query's row stays finite (its output is discarded) and no NaN reaches the valid rows through V.
 On CUDA the fast path is FlexAttention with a block-sparse mask, the sinks folded in through the
@@ -38,8 +39,8 @@ def _check_shapes(q, k, v, sinks, cu_seqlens, key_mask=None):
         raise ValueError(f"{Hq} query heads are not a multiple of {k.shape[2]} key/value heads")
     if sinks is not None and sinks.shape != (Hq,):
         raise ValueError(f"sinks has shape {tuple(sinks.shape)}, expected [{Hq}] (one per query head)")
-    if cu_seqlens is not None and (B != 1 or Tq != k.shape[1]):
-        raise ValueError("cu_seqlens (packed documents) needs batch 1 and as many queries as keys")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError("cu_seqlens (packed documents) needs batch 1")
     if key_mask is not None and (key_mask.shape != (B, k.shape[1]) or key_mask.dtype != torch.bool):
         raise ValueError(f"key_mask must be bool [B, Tk] = [{B}, {k.shape[1]}]; got {key_mask.dtype} {tuple(key_mask.shape)}")
 
