@@ -58,7 +58,7 @@ def train_tiny_teacher(teacher_dir: Path, data_dir: Path, steps: int, lr: float,
     generation_config = json.loads((teacher_dir / GENERATION_CONFIG_NAME).read_text())
     model = load_teacher_model(teacher_dir, device=device).train()
     docs = prepared_conversations(data_dir, "train")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
     generator = torch.Generator().manual_seed(seed)
