@@ -7,7 +7,11 @@ converted on the fly, against its teacher and held-out split); without it, it bu
 teacher, its student by surgery, the packed demo corpus) and evaluates the freshly initialised student.
 
     python benchmarks/evaluate_slice.py --output runs/evaluate_slice [--from runs/stage_b_slice] \\
-        [--needle-lengths 1024 4096 8192 16384 32768]
+        [--needle-lengths 1024 4096 8192 16384 32768] [--needle-samples 2] [--max-new-tokens 128]
+
+The stage-B slice's teacher is random, so neither model stops early: every generation runs to its token cap, and
+``--max-new-tokens`` (prompts and probes alike) sets the run time. ``--hidden 64 --layers 2`` with short needles
+is a CPU smoke run of the same code.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from megatron_student.student.surgery import init_student
 from megatron_student.teacher.tiny import make_tiny_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_b_slice import WIDTH_20B, make_data  # noqa: E402  (the same slice and corpus)
+from stage_b_slice import WIDTH_20B, make_data, slice_shape  # noqa: E402  (the same slice and corpus)
 
 
 def main() -> None:
@@ -36,7 +40,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=8192, help="packed length of the held-out split")
     parser.add_argument("--needle-lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
+    parser.add_argument("--needle-samples", type=int, default=2, help="needles per kind and context length")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="token cap of every generation and probe")
     parser.add_argument("--max-documents", type=int, default=32, help="held-out conversations scored")
+    parser.add_argument("--conversations", type=int, default=2000, help="corpus size (without --from)")
+    parser.add_argument("--hidden", type=int, default=WIDTH_20B["hidden"], help="width (smaller for a CPU smoke run)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -45,13 +53,15 @@ def main() -> None:
         student = args.source / "checkpoints"
     else:
         teacher, data, student = args.output / "teacher", args.output / "data" / "packed", args.output / "student"
-        make_tiny_teacher(teacher, layers=args.layers, experts=args.experts, dtype="bf16", overwrite=True, **WIDTH_20B)
+        make_tiny_teacher(teacher, layers=args.layers, experts=args.experts, dtype="bf16", overwrite=True,
+                          **slice_shape(args.hidden))
         init_student(teacher, student, force=True)
-        make_data(args.output / "data", 2000, args.seq_len)
+        make_data(args.output / "data", args.conversations, args.seq_len)
     setup = time.perf_counter() - start
     suite = load_suite("default")
-    needle = {**suite.probes["needle"], "lengths": args.needle_lengths}
-    suite = replace(suite, probes={**suite.probes, "needle": needle}, max_documents=args.max_documents)
+    needle = {**suite.probes["needle"], "lengths": args.needle_lengths, "samples": args.needle_samples}
+    suite = replace(suite, probes={**suite.probes, "needle": needle}, max_documents=args.max_documents,
+                    max_new_tokens=args.max_new_tokens, probe_max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()
     report = evaluate(student, args.output / "report", teacher=teacher, data=data, suite=suite)
     total = time.perf_counter() - start

@@ -41,6 +41,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WIDTH_20B = dict(hidden=2880, heads=64, kv_heads=8, head_dim=64, intermediate=2880, experts_per_token=4)
 
 
+def slice_shape(hidden: int) -> dict:
+    """The 20b-width shape, or at a smaller smoke-test width one with the head layout kept proportional."""
+    if hidden == WIDTH_20B["hidden"]:
+        return dict(WIDTH_20B)
+    return {**WIDTH_20B, "hidden": hidden, "intermediate": hidden, "heads": 8, "kv_heads": 2, "head_dim": hidden // 8}
+
+
 def make_data(directory: Path, conversations: int, seq_len: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     make_corpus(directory / "corpus.jsonl", conversations)
@@ -68,11 +75,8 @@ def main() -> None:
     out = args.output
     timings = {}
     start = time.perf_counter()
-    shape = {**WIDTH_20B, "hidden": args.hidden, "intermediate": args.hidden}
-    if args.hidden != WIDTH_20B["hidden"]:  # a smaller smoke-test width keeps the head layout proportional
-        shape.update(heads=8, kv_heads=2, head_dim=args.hidden // 8)
     make_tiny_teacher(out / "teacher", layers=args.layers, experts=args.experts, dtype="bf16", overwrite=True,
-                      **shape)
+                      **slice_shape(args.hidden))
     timings["teacher"] = time.perf_counter() - start
     init_student(out / "teacher", out / "student", force=True)
     timings["student"] = time.perf_counter() - start - sum(timings.values())

@@ -1,5 +1,5 @@
-"""The README's main job, end to end on CPU, run once (module fixture); its outputs then feed `evaluate` and
-`handoff` as a user runs them (CLI subprocesses)."""
+"""The README's main job, end to end on CPU: `megatron-student demo` run once as a user runs it (a CLI subprocess,
+module fixture); its outputs then feed `evaluate`, `handoff` and training's `eval.suite` (CLI subprocesses)."""
 
 import json
 import os
@@ -10,22 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from megatron_student.demo import run_demo
 from megatron_student.evaluate.suite import load_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "megatron_student.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """One run of the README's command, with its defaults, shared by every test of this module."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    return out, run_demo(out)  # the README's command: its defaults
+    result = cli("demo", "--output", str(out), timeout=3600)  # under 10 min on 2 idle cores; CI machines get loaded
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo finished in" in result.stdout
+    return out, json.loads((out / "report.json").read_text())
 
 
 def test_demo_end_to_end(demo):
@@ -37,25 +40,23 @@ def test_demo_end_to_end(demo):
                  "eval/stage_b/retrieval.png", "eval/stage_b/kl_by_channel.png", "eval/stage_b/router.png"):
         assert (out / name).exists(), name
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((out / "report.json").read_text())
-    assert saved == json.loads(json.dumps(report))
-    # The teacher learns the data; the student gets closer to the teacher stage by stage.
-    assert saved["teacher_training"]["last_loss"] < saved["teacher_training"]["first_loss"] / 4
-    assert 0 <= saved["teacher_compliance"] <= 1
-    transfer = saved["transfer"]
+    # The teacher learns to speak Harmony; the student gets closer to it from init to stage B.
+    assert report["teacher_training"]["last_loss"] < report["teacher_training"]["first_loss"] / 10
+    assert report["teacher_compliance"] >= 0.9
+    transfer = report["transfer"]
     assert list(transfer) == ["init", "stage A", "stage B"]
     assert transfer["stage B"]["kl"] < transfer["init"]["kl"]
-    assert all(0 <= row["compliance"] <= 1 for row in transfer.values())
-    assert len(saved["generations"]) == len(load_suite("demo").prompts)
-    assert saved["fast_paths"] == {"attention": "torch reference (ops.attention)", "kda": "torch reference (ops.kda)",
-                                   "optimizer": "torch AdamW"}
-    assert "router/layer_0/entropy" in saved["router_balance_last_step"]
-    assert saved["data"]["accepted"] > 0 and saved["data"]["rejected"] == 0
+    assert transfer["stage B"]["compliance"] > transfer["init"]["compliance"]
+    assert len(report["generations"]) == len(load_suite("demo").prompts)
+    assert report["fast_paths"] == {"attention": "torch reference (ops.attention)", "kda": "torch reference (ops.kda)",
+                                    "optimizer": "torch AdamW"}
+    assert "router/layer_0/entropy" in report["router_balance_last_step"]
+    assert report["data"]["accepted"] > 0 and report["data"]["rejected"] == 0
     markdown = (out / "report.md").read_text()
     assert "| stage B |" in markdown and "Fast paths that ran" in markdown
     assert "demo_b" in (out / "student_final" / "README.md").read_text()  # the model card names its stage
-    with pytest.raises(FileExistsError, match="--force"):
-        run_demo(out)
+    again = cli("demo", "--output", str(out))
+    assert again.returncode == 2 and f"error: {out}: already exists; pass --force" in again.stderr
 
 
 def tiny_suite(path: Path) -> Path:
@@ -104,10 +105,6 @@ def test_handoff_bundle_passes_readiness_and_tampering_is_named(demo, tmp_path):
     made = cli("handoff", "--student", str(out / "student_final"), "--teacher", str(out / "teacher"), "--runs",
                str(out / "stage_a"), str(out / "stage_b"), "--evaluation", str(out / "eval" / "stage_b"),
                "--output", str(bundle))
-    if made.returncode == 1 and "readiness check: canary generation:" in made.stderr:
-        assert not bundle.exists()
-        pytest.skip("the demo student's canary generation is not well-formed Harmony yet (the demo teacher does not "
-                    "reach Harmony compliance): handoff refused the bundle, naming the canary")
     assert made.returncode == 0, made.stdout + made.stderr[-2000:]
     for name in ("student/model.safetensors", "student/generation_config.json", "runs/demo_a/config.yaml",
                  "runs/demo_b/metrics.jsonl", "data/demo-harmony/stats.json", "data/demo-harmony/prepare_command.txt",
