@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from megatron_student.data.manifest import load_manifest
 from megatron_student.data.prepare import prepare
@@ -264,19 +265,27 @@ def test_training_start_checks_and_micro_batch_rows(root, tmp_path):
 
 
 @pytest.mark.gpu
-def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root):
-    capture, report = root / "cap_gpu", root / "report_gpu"
-    result = subprocess.run(cli(*capture_args(root, capture)), env=ENV, capture_output=True, text=True, timeout=600)
+def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root, tmp_path):
+    """The random teacher's near-flat rows flip top-1 under any bf16 noise (0.94 measured on H200 against its own
+    bf16 forward in check-capture's batching): a teacher with a sharpened unembedding has margins bf16 keeps."""
+    make_tiny_teacher(tmp_path / "teacher", layers=2, dtype="fp32", seed=3)
+    weights = load_file(tmp_path / "teacher" / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 12.0
+    save_file(weights, tmp_path / "teacher" / "model.safetensors", metadata={"format": "pt"})
+    capture, report = tmp_path / "cap_gpu", tmp_path / "report_gpu"
+    args = capture_args(root, capture)
+    args[args.index("--teacher") + 1] = str(tmp_path / "teacher")
+    result = subprocess.run(cli(*args), env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(root / "teacher"), "--split", "valid",
-                                "--samples", "256", "--bytes-per-token", "48", "--dtype", "bf16", "--report",
+    result = subprocess.run(cli("check-capture", str(capture), "--teacher", str(tmp_path / "teacher"), "--split",
+                                "valid", "--samples", "256", "--bytes-per-token", "48", "--dtype", "bf16", "--report",
                                 str(report)),
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((report / "fidelity.json").read_text())["settings"]
     stored = next(v for name, v in table.items() if name.startswith("capture"))
     # captured in bf16 and checked against the same bf16 teacher on the GPU: the stored rows are what the dense
-    # forward gives (an fp32 reference would flip top-1 on this random teacher's near-ties: 0.95 measured on H200)
+    # forward gives
     assert stored["top1"] > 0.99 and stored["tail_abs_error"] < 1e-3
     fresh = table["ours 48 B budget"]
     assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 0.05 * fresh["kl_mean"]

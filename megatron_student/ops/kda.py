@@ -478,14 +478,14 @@ def kda(
 
     Dispatch: CUDA tensors use fla's ``chunk_kda`` when autograd is recording for any input or
     T > 64, and ``fused_recurrent_kda`` (no autograd) for short inference calls such as decode;
-    other devices use :func:`kda_reference`.
+    other devices, and float64 on CUDA (fla's kernels accumulate in fp32), use :func:`kda_reference`.
 
     Returns ``(o [B, T, HV, V] in q.dtype, final_state or None)``.
     """
     B, T, H, K, HV, V, N, bounds, scale = _check_kda_inputs(
         q, k, v, g, beta, initial_state, cu_seqlens, scale, "kda"
     )
-    if not q.is_cuda:
+    if not q.is_cuda or q.dtype == torch.float64:
         if q.shape[1] == 1 and cu_seqlens is None:  # decoding: one recurrent step, not a padded 64-token chunk
             o, state = kda_recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], initial_state, scale=scale,
                                           use_qk_l2norm=use_qk_l2norm)
