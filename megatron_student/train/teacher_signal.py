@@ -35,11 +35,8 @@ from .optim import active_parameters
 
 
 class TeacherTargets(Protocol):
-    """The teacher's side of one micro-batch's losses."""
-
-    layer_outputs: dict[int, torch.Tensor]  # teacher decoder layer outputs by layer (hidden-state alignment)
-    attention_inputs: dict[int, torch.Tensor]  # inputs of teacher attention modules by layer (attention alignment)
-    attention_outputs: dict[int, torch.Tensor]  # their outputs (bias added)
+    """The teacher's side of one micro-batch's logit losses (activations for the alignment losses come only from an
+    online teacher: ``DenseTargets``)."""
 
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
@@ -76,9 +73,9 @@ class DenseTargets:
     """A teacher run on the micro-batch: its vocab-parallel logits [N, V_local] and captured activations."""
 
     logits: torch.Tensor
-    layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    attention_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    attention_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # decoder layer outputs (hidden alignment)
+    attention_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # attention inputs (attention alignment)
+    attention_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # their outputs (bias added)
 
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
@@ -137,26 +134,24 @@ class SparseTargets:
     ids: torch.Tensor
     logprobs: torch.Tensor
     log_tail: torch.Tensor
-    layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    attention_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    attention_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
                      chunk_size: int) -> torch.Tensor:
         """The teacher losses on the stored partition; ``ce`` (teacher-free) on the dense student logits."""
+        ce = [i for i, spec in enumerate(losses) if spec.kind == "ce"]
+        stored = [i for i in range(len(losses)) if i not in ce]
         sums = [None] * len(losses)
-        groups = {"ce": [i for i, spec in enumerate(losses) if spec.kind == "ce"]}
-        groups["sparse"] = [i for i in range(len(losses)) if i not in groups["ce"]]
-        for kind, index in groups.items():
-            if not index:
-                continue
-            specs = [losses[i] for i in index]
-            part = (logit_losses(student_logits, None, specs, weights, labels=labels, vocab_size=vocab_size,
-                                 tp_group=tp_group, chunk_size=chunk_size) if kind == "ce" else
-                    sparse_logit_losses(student_logits, self.ids, self.logprobs, self.log_tail, specs, weights,
-                                        vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size))
-            for i, value in zip(index, part):
+        if ce:
+            values = logit_losses(student_logits, None, [losses[i] for i in ce], weights, labels=labels,
+                                  vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size)
+            for i, value in zip(ce, values):
+                sums[i] = value
+        if stored:
+            values = sparse_logit_losses(student_logits, self.ids, self.logprobs, self.log_tail,
+                                         [losses[i] for i in stored], weights, vocab_size=vocab_size,
+                                         tp_group=tp_group, chunk_size=chunk_size)
+            for i, value in zip(stored, values):
                 sums[i] = value
         return torch.stack(sums)
 
