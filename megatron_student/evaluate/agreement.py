@@ -80,27 +80,35 @@ class AgreementTotals:
     def add(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, doc: Document,
             chunk_size: int = 512) -> None:
         """``*_logits``: [T, V] for ``doc`` (V may exceed the true vocabulary: only the first V of both count)."""
-        targets = doc.targets.to(student_logits.device)
-        for channel, mask in doc.masks().items():
-            mask = mask.to(student_logits.device)
-            n = float(mask.sum())
-            if n == 0:
-                continue
-            weights = mask.to(torch.float32)
-            s = self.sums[channel]
-            s["tokens"] += n
-            if teacher_logits is None:
-                s["ce"] += float(logit_losses(student_logits, None, _CE, weights, labels=targets,
-                                              chunk_size=chunk_size)[0])
-                continue
-            kl, ce = logit_losses(student_logits, teacher_logits, _KL_CE, weights, labels=targets,
+        device = student_logits.device
+        masks = {c: m.to(device) for c, m in doc.masks().items() if bool(m.any())}
+        if not masks:
+            return
+        # Only scored rows, and every channel's sums in one chunked pass (each log-softmax computed once).
+        rows = masks["all"]
+        targets = doc.targets.to(device)[rows]
+        weights = torch.stack([m[rows].to(torch.float32) for m in masks.values()])
+        student_logits = student_logits[rows]
+        for channel, mask in masks.items():
+            self.sums[channel]["tokens"] += float(mask.sum())
+        if teacher_logits is None:
+            ce = logit_losses(student_logits, None, _CE * len(masks), weights, labels=targets, chunk_size=chunk_size)
+            for channel, value in zip(masks, ce.tolist()):
+                self.sums[channel]["ce"] += value
+            return
+        teacher_logits = teacher_logits[rows]
+        kl_ce = logit_losses(student_logits, teacher_logits, _KL_CE * len(masks), weights.repeat_interleave(2, 0),
+                             labels=targets, chunk_size=chunk_size).view(len(masks), 2).tolist()
+        teacher_ce = logit_losses(teacher_logits, None, _CE * len(masks), weights, labels=targets,
                                   chunk_size=chunk_size).tolist()
-            s["kl"] += kl
-            s["ce"] += ce
-            s["teacher_ce"] += float(logit_losses(teacher_logits, None, _CE, weights, labels=targets,
-                                                  chunk_size=chunk_size)[0])
-            agree = student_logits.argmax(-1) == teacher_logits.argmax(-1)
-            s["top1"] += float((agree & mask).sum())
+        agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).to(torch.float32)
+        top1 = (weights * agree).sum(-1).tolist()
+        for i, channel in enumerate(masks):
+            s = self.sums[channel]
+            s["kl"] += kl_ce[i][0]
+            s["ce"] += kl_ce[i][1]
+            s["teacher_ce"] += teacher_ce[i]
+            s["top1"] += top1[i]
 
     def summary(self, with_teacher: bool) -> dict[str, dict[str, float]]:
         out = {}
