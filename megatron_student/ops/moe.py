@@ -87,6 +87,13 @@ def grouped_mm_available() -> bool:
     return _GROUPED_MM is not None
 
 
+def experts_forward_auto(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The HF modules' experts: grouped GEMMs for bf16 on CUDA (what every torch's CUDA grouped_mm runs), the
+    per-expert reference otherwise (CPU, fp32)."""
+    grouped = x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_available()
+    return (experts_forward_grouped if grouped else experts_forward)(x, *args, **kwargs)
+
+
 def _grouped_mm(rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     if _GROUPED_MM is None:
         raise RuntimeError(f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor "

@@ -110,7 +110,7 @@ class Trainer:
             cfg.student.dtype, torch.bfloat16 if self.optimizer_implementation == "megatron" else torch.float32)
         r = cfg.recompute
         student_parallel = ParallelConfig(tensor_parallel=cfg.parallel.tp, expert_parallel=cfg.parallel.ep,
-                                          dispatcher=cfg.parallel.dispatcher,
+                                          dispatcher=cfg.parallel.dispatcher, experts=cfg.parallel.experts,
                                           attention_backend=cfg.parallel.attention_backend,
                                           make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
                                           params_dtype=self.student_dtype,
