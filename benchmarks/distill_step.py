@@ -251,9 +251,12 @@ def main() -> None:
           f"peak {args.peak_tflops:.0f} TFLOP/s", flush=True)
     results = {}
     for path in args.paths:
+        allocated_before = torch.cuda.memory_allocated() / 2**30 if cuda else None
         step, held = (hf_step(teacher_hf, student_hf, length, device) if path == "hf"
                       else megatron_step(path, teacher_hf, student_hf, length, device))
         result = measure(step, args.warmup, args.iters, cuda)
+        # what this path found allocated (the HF weights every path loads from; more means an earlier path leaked)
+        result["allocated_before_gib"] = allocated_before
         result["tokens_per_s"] = length / (result["step_ms"] / 1e3)
         result["mfu"] = flops["step"] / (result["step_ms"] / 1e3) / (args.peak_tflops * 1e12)
         if args.profile:

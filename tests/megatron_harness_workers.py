@@ -233,7 +233,8 @@ def grouped_experts_worker(rank: int, world: int, seed: int):
     """TP = EP = 1: the teacher built with SequentialMLP and with GroupedExperts on the same weights. Returns, per
     implementation: logits and parameter gradients of a random-weighted logit sum; for the layer-0 experts called
     directly on expert-sorted rows with an expert that gets no rows, in fp32 and bf16: the output, the gradients of
-    rows, probabilities and parameters, and (grouped only) the no-grad output (the packed-buffer view path)."""
+    rows, probabilities and parameters, and (grouped only) the no-grad output and whether it read the weights through
+a view of the packed buffer (fp32: as built) instead of a stacked copy (bf16: ``to`` gave new storage)."""
     tokens, _ = batch(seed + 500)
     out = {}
     for experts in ("sequential", "grouped"):
@@ -260,5 +261,7 @@ def grouped_experts_worker(rank: int, world: int, seed: int):
             if experts == "grouped":
                 with torch.no_grad():
                     result[dtype]["no_grad"] = module(x, counts, p)[0]
+                    stacked = module._stacked("linear_fc1.weight")  # a view of the packed buffer, not a copy?
+                    result[dtype]["view"] = stacked.data_ptr() == module.local_experts[0].linear_fc1.weight.data_ptr()
         out[experts] = result
     return out

@@ -10,6 +10,8 @@ teacher, evaluation) are kept in one contiguous buffer per kind so the stack is 
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -34,7 +36,8 @@ class GroupedExperts(SequentialMLP):
         self._pack_weights()
 
     def _local(self, name: str) -> list[torch.Tensor]:
-        return [expert.get_parameter(name) for expert in self.local_experts]
+        get = attrgetter(name)  # looked up per call: a converter may swap the Parameter objects
+        return [get(expert) for expert in self.local_experts]
 
     @torch.no_grad()
     def _pack_weights(self) -> None:
