@@ -2,6 +2,8 @@
 ``experts_forward`` (HF layout) and Megatron's ``GroupedExperts`` vs ``SequentialMLP`` (same parameters), values
 and gradients, fp32 and bf16, random routing with an expert that gets no tokens."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from megatron_harness import rel, run_distributed
 from megatron_harness_workers import grouped_experts_worker
 from megatron_student.ops.moe import experts_forward, experts_forward_grouped, router_topk_softmax
 
+STAGE_B = Path(__file__).resolve().parents[1] / "configs" / "stage_b_full_distill.yaml"
 TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
 
 
@@ -70,3 +73,18 @@ def test_grouped_experts_match_sequential_mlp_on_sorted_rows(megatron_results, d
             assert grouped["params"][name].abs().max() == 0 and grad.abs().max() == 0, name
             continue
         assert rel(grouped["params"][name], grad) < TOL[dtype], name
+
+
+def test_expert_implementation_choice():
+    from megatron_student.megatron import ParallelConfig
+    from megatron_student.train.config import ConfigError, load_config
+
+    assert ParallelConfig(experts="grouped").grouped_experts
+    assert not ParallelConfig(experts="sequential").grouped_experts
+    # auto: grouped only on CUDA with bf16 parameters
+    assert ParallelConfig(params_dtype=torch.bfloat16).grouped_experts == torch.cuda.is_available()
+    assert not ParallelConfig(params_dtype=torch.float32).grouped_experts
+    with pytest.raises(ValueError, match="experts 'loop': choose one of auto, grouped, sequential"):
+        ParallelConfig(experts="loop").grouped_experts
+    with pytest.raises(ConfigError, match=r"parallel.experts: 'loop' is not one of \['auto', 'grouped', 'sequential'\]"):
+        load_config(STAGE_B, ["parallel.experts=loop"])
