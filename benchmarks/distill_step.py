@@ -61,8 +61,9 @@ def configs(shape: dict):
 
     from megatron_student.student.config import StudentConfig
 
-    teacher = GptOssConfig(**shape, layer_types=["sliding_attention", "full_attention"] * (shape["num_hidden_layers"] // 2),
-                           attention_bias=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    layer_types = ["sliding_attention", "full_attention"] * (shape["num_hidden_layers"] // 2)
+    teacher = GptOssConfig(**shape, layer_types=layer_types, attention_bias=True, tie_word_embeddings=False,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return teacher, StudentConfig.from_teacher(teacher)
 
 
@@ -84,8 +85,10 @@ def hf_models(teacher_config, student_config, device: torch.device):
 
 
 def step_flops(teacher_hf, student_hf, teacher_config, student_config, length: int) -> dict:
-    student = 2 * active_matmul_params(student_hf, student_config) * length + mixing_flops_forward(student_config, length)
-    teacher = 2 * active_matmul_params(teacher_hf, teacher_config) * length + mixing_flops_forward(teacher_config, length)
+    def forward(model, config):
+        return 2 * active_matmul_params(model, config) * length + mixing_flops_forward(config, length)
+
+    student, teacher = forward(student_hf, student_config), forward(teacher_hf, teacher_config)
     return {"student_forward": student, "teacher_forward": teacher, "step": 3 * student + teacher}
 
 

@@ -20,8 +20,10 @@ def _inputs():
     logits[:, 5] -= 100  # expert 5 gets no token
     weights, indices = torch.softmax(logits.topk(TOP_K).values, -1), logits.topk(TOP_K).indices
     tensors = [torch.randn(TOKENS, HIDDEN, generator=g), weights,
-               torch.randn(EXPERTS, HIDDEN, 2 * INTER, generator=g) / HIDDEN ** 0.5, torch.randn(EXPERTS, 2 * INTER, generator=g),
-               torch.randn(EXPERTS, INTER, HIDDEN, generator=g) / INTER ** 0.5, torch.randn(EXPERTS, HIDDEN, generator=g)]
+               torch.randn(EXPERTS, HIDDEN, 2 * INTER, generator=g) / HIDDEN ** 0.5,
+               torch.randn(EXPERTS, 2 * INTER, generator=g),
+               torch.randn(EXPERTS, INTER, HIDDEN, generator=g) / INTER ** 0.5,
+               torch.randn(EXPERTS, HIDDEN, generator=g)]
     return indices, tensors, torch.randn(TOKENS, HIDDEN, generator=g)
 
 

@@ -20,7 +20,7 @@ def reference():
 
 
 @pytest.mark.parametrize("tp,ep,world,experts", [(2, 1, 2, "sequential"), (1, 2, 2, "sequential"),
-                                                  (2, 2, 4, "sequential"), (1, 2, 2, "grouped"), (2, 2, 4, "grouped")])
+                                                  (2, 2, 4, "sequential"), (2, 2, 4, "grouped")])
 def test_parallel_layout_matches_single_process(reference, tp, ep, world, experts):
     results = run_distributed(train_worker, world, "student", MIXED_PLAN, tp, ep, SEED, 3, experts)
     r = results[0]
