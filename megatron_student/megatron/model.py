@@ -30,9 +30,9 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from ..ops.moe import grouped_mm_available
 from ..student.spec import AttentionSpec, layer_specs
 from ..teacher.config import swiglu_limit
-from ..ops.moe import grouped_mm_available
 from . import compat
 from .attention import parallel_attention_class
 from .experts import EXPERT_IMPLEMENTATIONS, GroupedExperts

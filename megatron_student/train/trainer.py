@@ -270,9 +270,9 @@ class Trainer:
 
     def train_step(self) -> StepRecord:
         """One optimiser step. Loss components and NaN checks stay on the device until the gradient norm, the
-        step's one host synchronisation (clipping and the skip decision need it on the host); what the record
-        needs is read there, while the GPU is idle, and the optimizer update is queued last. The step time spans
-        CUDA events on GPU (host clock on CPU)."""
+        loop's one host synchronisation before the update (clipping and the skip decision need it on the host);
+        what the record needs is read there, while the GPU is idle, and the optimizer update is queued last. The
+        step time spans CUDA events on GPU (host clock on CPU)."""
         cfg = self.config
         clock = StepClock(self.device)
         batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
