@@ -46,3 +46,19 @@ def test_grouped_bf16_matches_fp32_reference():
         bound = 1.5 * rel(ref_bf16, ref) + 1e-3
         assert rel(ours, ref) < bound, (name, rel(ours, ref), bound)
     assert grouped[4][5].abs().max() == 0  # the idle expert's gate_up bias has no gradient
+
+
+def test_grouped_experts_do_not_synchronise_with_the_host():
+    """Forward and backward of the grouped experts under CUDA's sync debug mode "error": a host synchronisation
+    (a device-to-host copy, .item(), a data-dependent output size) raises."""
+    indices, tensors, grad_out = _inputs()
+    leaves = [t.to(device="cuda", dtype=torch.bfloat16).requires_grad_(True) for t in tensors]
+    x, w, *params = leaves
+    indices, grad_out = indices.cuda(), grad_out.to(device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        experts_forward_grouped(x, indices, w, *params).backward(grad_out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(t.grad is not None for t in leaves)
