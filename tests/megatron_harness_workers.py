@@ -27,9 +27,10 @@ def packed(seed: int, lengths=(13, 19)):
     return docs, torch.cat(docs)[None], params
 
 
-def build(which: str, plan, tp: int, ep: int, seed: int):
-    """Process groups for (tp, ep) and a Megatron model holding the seed's random HF weights."""
-    parallel = ParallelConfig(tensor_parallel=tp, expert_parallel=ep)
+def build(which: str, plan, tp: int, ep: int, seed: int, experts: str = "auto"):
+    """Process groups for (tp, ep) and a Megatron model (``experts``: ParallelConfig.experts) holding the seed's
+    random HF weights."""
+    parallel = ParallelConfig(tensor_parallel=tp, expert_parallel=ep, experts=experts)
     initialize_parallel(parallel)
     hf = hf_student(plan, seed=seed) if which == "student" else hf_teacher(seed=seed)
     model = build_student(hf.config, parallel) if which == "student" else build_teacher(hf.config, parallel)
@@ -71,14 +72,15 @@ def gather_params(model: torch.nn.Module, attr: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_worker(rank: int, world: int, which: str, plan, tp: int, ep: int, seed: int, steps: int):
+def train_worker(rank: int, world: int, which: str, plan, tp: int, ep: int, seed: int, steps: int,
+                 experts: str = "auto"):
     """Forward with labels, backward through Megatron DDP + finalize_model_grads, then ``steps`` AdamW steps on the
     reduced gradients (torch's AdamW: Megatron's FP32Optimizer allocates on 'cuda' by name). Returns logits,
     packed-input logits, mean loss and gathered gradients of step 0, and after the steps every copy of each
     replicated parameter (TP group for dense, expert-data-parallel group for experts)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    model = build(which, plan, tp, ep, seed)
+    model = build(which, plan, tp, ep, seed, experts)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     tokens, labels = batch(seed + 100)
@@ -131,13 +133,14 @@ def packed_worker(rank: int, world: int, which: str, plan, seed: int):
 
 def checkpoint_worker(rank: int, world: int, which: str, plan, seed: int, directory: str, layouts):
     """Save a torch_dist checkpoint at layouts[0], then for each next layout: rebuild from a different random seed,
-    load the previous checkpoint, record logits and save again. Returns the logits of every layout."""
+    load the previous checkpoint, record logits and save again. A layout is (tp, ep) or (tp, ep, experts).
+    Returns the logits of every layout."""
     from megatron.core import dist_checkpointing
 
     tokens, _ = batch(seed + 300)
     logits = []
-    for index, (tp, ep) in enumerate(layouts):
-        model = build(which, plan, tp, ep, seed if index == 0 else seed + 1 + index)
+    for index, (tp, ep, *experts) in enumerate(layouts):
+        model = build(which, plan, tp, ep, seed if index == 0 else seed + 1 + index, *experts)
         if index > 0:
             state = dist_checkpointing.load(model.sharded_state_dict(), f"{directory}/ckpt{index - 1}")
             model.load_state_dict(state)
@@ -224,3 +227,41 @@ def compat_worker(rank: int, world: int):
     logits = moe_utils.router_gating_linear(x, w, None, torch.float32)
     logits.sum().backward()
     return logits.detach(), (x @ w.t()).detach(), w.grad is not None, layers.reduce_from_tensor_model_parallel_region is patched
+
+
+def grouped_experts_worker(rank: int, world: int, seed: int):
+    """TP = EP = 1: the teacher built with SequentialMLP and with GroupedExperts on the same weights. Returns, per
+    implementation: logits and parameter gradients of a random-weighted logit sum; for the layer-0 experts called
+    directly on expert-sorted rows with an expert that gets no rows, in fp32 and bf16: the output, the gradients of
+    rows, probabilities and parameters, and (grouped only) the no-grad output and whether it read the weights through
+a view of the packed buffer (fp32: as built) instead of a stacked copy (bf16: ``to`` gave new storage)."""
+    tokens, _ = batch(seed + 500)
+    out = {}
+    for experts in ("sequential", "grouped"):
+        model = build("teacher", None, 1, 1, seed, experts)
+        logits = model(tokens, None, None)
+        weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
+        (logits * weight).sum().backward()
+        result = {"logits": logits.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+        module = model.decoder.layers[0].mlp.experts
+        g = torch.Generator().manual_seed(seed + 1)
+        counts = torch.tensor([7, 0, 12, 5])
+        rows = torch.randn(int(counts.sum()), model.config.hidden_size, generator=g)
+        probs = torch.rand(int(counts.sum()), generator=g)
+        grad_out = torch.randn(rows.shape, generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            module.zero_grad()
+            module.to(dtype)
+            x, p = rows.to(dtype, copy=True).requires_grad_(True), probs.clone().requires_grad_(True)
+            y, bias = module(x, counts, p)
+            assert bias is None
+            y.backward(grad_out.to(dtype))
+            result[dtype] = {"out": y.detach(), "rows": x.grad, "probs": p.grad,
+                             "params": {n: q.grad.clone() for n, q in module.named_parameters()}}
+            if experts == "grouped":
+                with torch.no_grad():
+                    result[dtype]["no_grad"] = module(x, counts, p)[0]
+                    stacked = module._stacked("linear_fc1.weight")  # a view of the packed buffer, not a copy?
+                    result[dtype]["view"] = stacked.data_ptr() == module.local_experts[0].linear_fc1.weight.data_ptr()
+        out[experts] = result
+    return out

@@ -1,5 +1,7 @@
 """Distributed invariance on CPU (gloo): TP = 2, EP = 2 and TP = 2 × EP = 2 against TP = EP = 1 for the student with
-every attention kind; replicated parameters after optimizer steps; checkpoint resharding."""
+every attention kind, with per-expert (SequentialMLP) and grouped-GEMM experts (allgather dispatcher: alltoall needs
+CUDA streams, see tests/test_megatron_gpu.py);
+replicated parameters after optimizer steps; checkpoint resharding, also across the two expert implementations."""
 
 import pytest
 import torch
@@ -14,12 +16,13 @@ LOGITS_TOL, LOSS_TOL, GRAD_TOL = 1e-5, 1e-6, 1e-4
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(train_worker, 1, "student", MIXED_PLAN, 1, 1, SEED, 0)[0]
+    return run_distributed(train_worker, 1, "student", MIXED_PLAN, 1, 1, SEED, 0, "sequential")[0]
 
 
-@pytest.mark.parametrize("tp,ep,world", [(2, 1, 2), (1, 2, 2), (2, 2, 4)])
-def test_parallel_layout_matches_single_process(reference, tp, ep, world):
-    results = run_distributed(train_worker, world, "student", MIXED_PLAN, tp, ep, SEED, 3)
+@pytest.mark.parametrize("tp,ep,world,experts", [(2, 1, 2, "sequential"), (1, 2, 2, "sequential"),
+                                                  (2, 2, 4, "sequential"), (2, 2, 4, "grouped")])
+def test_parallel_layout_matches_single_process(reference, tp, ep, world, experts):
+    results = run_distributed(train_worker, world, "student", MIXED_PLAN, tp, ep, SEED, 3, experts)
     r = results[0]
     assert rel(r["logits"], reference["logits"]) < LOGITS_TOL
     assert rel(r["packed"], reference["packed"]) < LOGITS_TOL
@@ -35,7 +38,10 @@ def test_parallel_layout_matches_single_process(reference, tp, ep, world):
 
 
 def test_checkpoint_reshards_tp1_ep1_to_tp2_ep2_and_back(tmp_path):
-    logits = run_distributed(checkpoint_worker, 4, "student", MIXED_PLAN, SEED, str(tmp_path), [(1, 1), (2, 2), (1, 1)])[0]
+    """Written by per-expert experts at TP = EP = 1, read by grouped ones at TP = EP = 2, written again and read back
+    by per-expert ones: one checkpoint layout."""
+    layouts = [(1, 1, "sequential"), (2, 2, "grouped"), (1, 1, "sequential")]
+    logits = run_distributed(checkpoint_worker, 4, "student", MIXED_PLAN, SEED, str(tmp_path), layouts)[0]
     first, resharded, back = logits
     assert rel(resharded, first) < 1e-5
     assert rel(back, first) < 1e-5

@@ -1,5 +1,6 @@
-"""The trainer under torchrun with TP=2 or DP=2 (gloo, CPU) follows the same loss trajectory as one process (the
-logged losses are the whole step's: DP ranks' shares are reduced)."""
+"""The trainer under torchrun with TP=2, DP=2 or EP=2 with grouped-GEMM experts (gloo, CPU) follows the same loss
+trajectory as one process with per-expert experts (the logged losses are the whole step's: DP ranks' shares are
+reduced)."""
 
 import json
 import os
@@ -17,13 +18,14 @@ from megatron_student.teacher.tiny import make_tiny_teacher
 ASSETS = Path(__file__).resolve().parents[1] / "megatron_student" / "assets"
 
 
-def run_stage(root: Path, name: str, tp: int, world: int | None = None) -> list[dict]:
+def run_stage(root: Path, name: str, tp: int, world: int | None = None, ep: int = 1,
+              experts: str = "sequential") -> list[dict]:
     world = world or tp
     config = {
         "stage": name, "steps": 3, "seed": 11,
         "student": {"hf": str(root / "student")}, "teacher": {"path": str(root / "teacher"), "dtype": "fp32"},
         "data": {"path": str(root / "data"), "seq_len": 256, "micro_batch": 1, "global_batch": 2, "shuffle": False},
-        "parallel": {"tp": tp, "ep": 1},
+        "parallel": {"tp": tp, "ep": ep, "experts": experts},
         "optimizer": {"lr": 1e-3, "freeze": ["^embedding\\."]},
         "schedule": {"warmup_steps": 0, "decay": "constant"},
         "losses": {"logits": [{"kind": "forward_kl", "weight": 1.0}, {"kind": "ce", "weight": 0.1}],
@@ -47,8 +49,9 @@ def test_tensor_and_data_parallel_training_match_single_process(tmp_path):
     init_student(tmp_path / "teacher", tmp_path / "student")
     prepare(load_manifest(ASSETS / "demo_manifest.yaml"), tmp_path / "data", 256, progress=False)
     single = run_stage(tmp_path, "tp1", 1)
-    for name, tp in (("tp2", 2), ("dp2", 1)):
-        parallel = run_stage(tmp_path, name, tp, world=2)
+    for name, tp, ep, experts in (("tp2", 2, 1, "sequential"), ("dp2", 1, 1, "sequential"),
+                                  ("ep2_grouped", 1, 2, "grouped")):
+        parallel = run_stage(tmp_path, name, tp, world=2, ep=ep, experts=experts)
         assert [r["step"] for r in single] == [r["step"] for r in parallel] == [1, 2, 3]
         for a, b in zip(single, parallel):
             for key in ("train/loss", "train/forward_kl", "train/ce", "train/hidden", "train/grad_norm"):

@@ -1,8 +1,9 @@
 """Megatron-Core student and teacher: ``GPTModel`` over per-layer ``TransformerLayer`` specs.
 
 Every layer is RMSNorm → attention (``attention.py``, chosen per layer from the plan or gpt-oss ``layer_types``)
-→ RMSNorm → Megatron ``MoELayer`` (``SequentialMLP`` experts with biases, the gpt-oss router, clamped SwiGLU on
-Megatron's [gate; up] layout, allgather or alltoall dispatcher, expert parallelism). Embedding and output layer are
+→ RMSNorm → Megatron ``MoELayer`` (experts with biases: grouped GEMMs (``experts.GroupedExperts``) or Megatron's
+per-expert ``SequentialMLP``, one checkpoint layout; the gpt-oss router, clamped SwiGLU on Megatron's [gate; up]
+layout, allgather or alltoall dispatcher, expert parallelism). Embedding and output layer are
 Megatron's vocab-parallel ones (untied); position information lives in the attention modules (YaRN / GRAPE-M), so
 ``position_embedding_type='none'``.
 """
@@ -29,10 +30,12 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from ..ops.moe import grouped_mm_available
 from ..student.spec import AttentionSpec, layer_specs
 from ..teacher.config import swiglu_limit
 from . import compat
 from .attention import parallel_attention_class
+from .experts import EXPERT_IMPLEMENTATIONS, GroupedExperts
 from .layers import ClampedSwiGLU, GptOssRouter, ParallelRMSNorm, padded_vocab_size
 
 
@@ -54,10 +57,23 @@ class ParallelConfig:
     recompute: str | None = None  # None or "full": Megatron's activation recompute of whole layers
     recompute_method: str = "uniform"  # "uniform" (groups of recompute_num_layers) or "block" (the first N layers)
     recompute_num_layers: int = 1
+    # "grouped": experts.GroupedExperts (grouped GEMMs), "sequential": SequentialMLP (a loop over experts), "auto":
+    # grouped on CUDA with bf16 parameters (the dtype every torch's CUDA grouped_mm supports), else sequential
+    experts: str = "auto"
 
     @property
     def uses_sequence_parallel(self) -> bool:
         return self.tensor_parallel > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+    @property
+    def grouped_experts(self) -> bool:
+        if self.experts not in EXPERT_IMPLEMENTATIONS:
+            raise ValueError(f"experts {self.experts!r}: choose one of {', '.join(EXPERT_IMPLEMENTATIONS)}")
+        if self.experts == "auto":
+            return torch.cuda.is_available() and self.params_dtype == torch.bfloat16 and grouped_mm_available()
+        if self.experts == "grouped" and not grouped_mm_available():
+            raise ValueError(f"experts 'grouped': torch {torch.__version__} has no grouped_mm; use 'sequential'")
+        return self.experts == "grouped"
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int = 0) -> None:
@@ -139,9 +155,9 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     )
 
 
-def moe_spec(swiglu_limit: float) -> ModuleSpec:
+def moe_spec(swiglu_limit: float, grouped_experts: bool = False) -> ModuleSpec:
     experts = ModuleSpec(
-        module=SequentialMLP,
+        module=GroupedExperts if grouped_experts else SequentialMLP,
         submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear,
             linear_fc2=RowParallelLinear,
@@ -151,7 +167,8 @@ def moe_spec(swiglu_limit: float) -> ModuleSpec:
     return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
 
 
-def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "auto") -> ModuleSpec:
+def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "auto",
+               grouped_experts: bool = False) -> ModuleSpec:
     """One decoder layer: its attention from the layer's spec (``student.spec``), the gpt-oss MoE."""
     return ModuleSpec(
         module=TransformerLayer,
@@ -161,7 +178,7 @@ def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "au
                                       params={"attention_spec": attention, "backend": backend}),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=ParallelRMSNorm,
-            mlp=moe_spec(swiglu_limit),
+            mlp=moe_spec(swiglu_limit, grouped_experts),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -177,7 +194,8 @@ def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
         raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
     config = transformer_config(hf_config, parallel)
     limit = swiglu_limit(hf_config)
-    specs = [layer_spec(attention, limit, parallel.attention_backend) for attention in layer_specs(hf_config)]
+    specs = [layer_spec(attention, limit, parallel.attention_backend, parallel.grouped_experts)
+             for attention in layer_specs(hf_config)]
     offset = get_transformer_layer_offset(config)
     local = specs[offset: offset + get_num_layers_to_build(config)]
     block = TransformerBlockSubmodules(layer_specs=local, layer_norm=ParallelRMSNorm)

@@ -1,10 +1,22 @@
 """gpt-oss MoE math: router (bias, top-k over raw logits, softmax over the k selected) and the clamped
-SwiGLU ((up + 1)·gate·σ(α·gate), gate ≤ limit, |up| ≤ limit) with expert biases."""
+SwiGLU ((up + 1)·gate·σ(α·gate), gate ≤ limit, |up| ≤ limit) with expert biases.
+
+Two expert paths: :func:`experts_forward` loops over experts (one matmul each, a host sync for the counts): the
+reference. :func:`expert_mlp_grouped` computes all experts of expert-sorted rows with two grouped GEMMs
+(``torch.nn.functional.grouped_mm``, or ``torch._grouped_mm`` on a torch without it; differentiable), no Python
+loop and no host sync; :func:`experts_forward_grouped` wraps it for the HF modules, ``megatron.experts`` for
+Megatron's token dispatchers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+# torch >= 2.10 exports grouped_mm; earlier 2.x only the private op (same arguments: mat_a, mat_b, offs=...).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -69,3 +81,73 @@ def experts_forward(
         weights = expert_weights.reshape(-1)[rows, None]
         out.index_add_(0, tokens, (y * weights).to(x.dtype))
     return out
+
+
+def grouped_mm_available() -> bool:
+    return _GROUPED_MM is not None
+
+
+def experts_forward_auto(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The HF modules' experts: grouped GEMMs for bf16 on CUDA (what every torch's CUDA grouped_mm runs), the
+    per-expert reference otherwise (CPU, fp32)."""
+    grouped = x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_available()
+    return (experts_forward_grouped if grouped else experts_forward)(x, *args, **kwargs)
+
+
+def _grouped_mm(rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    if _GROUPED_MM is None:
+        raise RuntimeError(f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor "
+                           "torch._grouped_mm: use the per-expert path (experts: sequential)")
+    for name, t in (("rows", rows), ("weight", weight)):
+        if any((stride * t.element_size()) % 16 for stride in t.stride() if stride != 1):
+            raise ValueError(f"grouped GEMM {name} {tuple(t.shape)} {t.dtype}: grouped_mm needs 16-byte aligned "
+                             "strides (hidden and intermediate sizes a multiple of 8 in bf16, 4 in fp32)")
+    return _GROUPED_MM(rows, weight, offs=group_ends)
+
+
+def expert_mlp_grouped(
+    rows: torch.Tensor,
+    group_ends: torch.Tensor,
+    row_expert: torch.Tensor,
+    row_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Every expert's MLP on its rows, weighted: rows [M, H] sorted by expert; group_ends [E] int32, the cumulative
+    row count per expert (group e owns rows group_ends[e-1]:group_ends[e]); row_expert [M] the expert of each row;
+    row_weights [M] its routing weight. Weights as right-hand matrices: gate_up [E, H, 2I], down [E, I, H] (any
+    memory order, e.g. a transposed view of [E, out, in]); biases [E, 2I], [E, H]. Returns
+    weight·(activation(rows·gate_up + b₁)·down + b₂) in the rows' dtype."""
+    hidden = _grouped_mm(rows, gate_up, group_ends) + gate_up_bias[row_expert]
+    out = _grouped_mm(activation(hidden).to(rows.dtype), down, group_ends) + down_bias[row_expert]
+    return (out * row_weights[:, None]).to(rows.dtype)
+
+
+def experts_forward_grouped(
+    x: torch.Tensor,
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
+) -> torch.Tensor:
+    """:func:`experts_forward` (same arguments, HF layout) with grouped GEMMs: the N·k (token, expert) pairs sorted
+    by expert on the device, no host sync; each token's k outputs are summed in one reduction."""
+    num_tokens, top_k = expert_indices.shape
+    num_experts = gate_up_proj.shape[0]
+    flat_experts = expert_indices.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+    group_ends = counts.cumsum(0, dtype=torch.int32)
+    out = expert_mlp_grouped(
+        x[order // top_k], group_ends, flat_experts[order], expert_weights.reshape(-1)[order],
+        gate_up_proj, gate_up_bias, down_proj, down_bias, partial(clamped_swiglu_interleaved, alpha=alpha, limit=limit))
+    by_pair = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, k) order; a permutation, no atomics
+    return by_pair.view(num_tokens, top_k, -1).sum(1)

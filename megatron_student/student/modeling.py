@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..harmony_vocab import HARMONY_STOP_TOKEN_IDS
 from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
-from ..ops.moe import experts_forward, router_topk_softmax
+from ..ops.moe import experts_forward_auto, router_topk_softmax
 from ..ops.norm import rms_norm
 from ..ops.rope import YarnRope, rope_cos_sin, token_positions
 from ..ops.tpa import named_projection
@@ -260,8 +260,8 @@ class MoE(nn.Module):
         logits = F.linear(flat, self.router.weight, self.router.bias)
         weights, indices = router_topk_softmax(logits, self.router.top_k)
         e = self.experts
-        out = experts_forward(flat, indices, weights, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj,
-                              e.down_proj_bias, limit=e.limit)
+        out = experts_forward_auto(flat, indices, weights, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj,
+                                   e.down_proj_bias, limit=e.limit)
         return out.view_as(x), logits
 
 

@@ -78,10 +78,14 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
+    """``experts``: MoE experts as grouped GEMMs (``grouped``), Megatron's per-expert loop (``sequential``), or
+    ``auto`` (grouped on CUDA in bf16); one checkpoint layout, so a run may switch between them."""
+
     tp: int = 1
     ep: int = 1
     dispatcher: Literal["allgather", "alltoall"] = "allgather"
     attention_backend: str = "auto"
+    experts: Literal["auto", "grouped", "sequential"] = "auto"
 
 
 @dataclass

@@ -117,6 +117,8 @@ class OnlineTeacher:
 
     def targets(self, mb: MicroBatch) -> DenseTargets:
         self._capture.clear()
+        # no_grad, not inference_mode: the logit losses save the teacher logits for their backward and the alignment
+        # losses the activations, which inference tensors cannot be (a clone would copy the [N, V] logits)
         with torch.no_grad():
             logits = self.model(mb.tokens, None, None, packed_seq_params=mb.packed)
         c = self._capture

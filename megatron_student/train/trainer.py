@@ -95,6 +95,26 @@ class StepRecord:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class StepClock:
+    """Wall time of one step from its start: CUDA events on GPU (the step's queued work included), the host clock
+    on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.events = None
+        if device.type == "cuda":
+            self.events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.events[0].record()
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.events is None:
+            return time.perf_counter() - self.start
+        start, end = self.events
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
 class Trainer:
     """Builds everything for ``config`` inside an initialised torch.distributed (see :func:`train`)."""
 
@@ -110,7 +130,7 @@ class Trainer:
             cfg.student.dtype, torch.bfloat16 if self.optimizer_implementation == "megatron" else torch.float32)
         r = cfg.recompute
         student_parallel = ParallelConfig(tensor_parallel=cfg.parallel.tp, expert_parallel=cfg.parallel.ep,
-                                          dispatcher=cfg.parallel.dispatcher,
+                                          dispatcher=cfg.parallel.dispatcher, experts=cfg.parallel.experts,
                                           attention_backend=cfg.parallel.attention_backend,
                                           make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
                                           params_dtype=self.student_dtype,
@@ -249,8 +269,12 @@ class Trainer:
         return loss, parts
 
     def train_step(self) -> StepRecord:
+        """One optimiser step. Loss components and NaN checks stay on the device until the gradient norm, the
+        loop's one host synchronisation before the update (clipping and the skip decision need it on the host);
+        what the record needs is read there, while the GPU is idle, and the optimizer update is queued last. The
+        step time spans CUDA events on GPU (host clock on CPU)."""
         cfg = self.config
-        start = time.perf_counter()
+        clock = StepClock(self.device)
         batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
         normaliser = global_normaliser([mb.weights for mb in batches], mode=cfg.losses.normaliser,
                                        group=self.dp_group, dp_grad_average=True)
@@ -258,36 +282,30 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         totals: dict[str, torch.Tensor] = {}
-        bad = False
+        checks: list[dict[str, torch.Tensor]] = []
         for mb in batches:
             loss, parts = self._micro_losses(mb, normaliser)
-            try:
-                check_finite({**parts, "total": loss}, self.step)
-            except NonFiniteLossError as e:
-                bad = True
-                if self.rank == 0 or self.dp_size > 1:
-                    print(f"[rank {self.rank}] step {self.step}: {e}", flush=True)
+            checks.append({**parts, "total": loss.detach()})
             loss.backward()
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value
         finalize_model_grads([self.ddp])
         grad_norm = self.optimizer.grad_norm()
+        bad = False
+        for values in checks:  # the GPU has caught up at the gradient norm: no wait here
+            try:
+                check_finite(values, self.step)
+            except NonFiniteLossError as e:
+                bad = True
+                if self.rank == 0 or self.dp_size > 1:
+                    print(f"[rank {self.rank}] step {self.step}: {e}", flush=True)
         flag = torch.tensor([float(bad or not math.isfinite(grad_norm))], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         skipped = bool(flag.item())
-        lr = learning_rate(cfg, self.step)
-        if skipped:
-            self.consecutive_bad += 1
-            self.skipped_total += 1
-        else:
-            self.consecutive_bad = 0
-            self.optimizer.step(lr, grad_norm)
         tokens = torch.tensor([float(sum(mb.num_tokens for mb in batches)),
                                float(sum(mb.analysis_tokens for mb in batches)),
                                float(sum(mb.final_tokens for mb in batches))], device=self.device)
         dist.all_reduce(tokens, group=self.dp_group)
-        self.tokens_seen += int(tokens[0])
-        elapsed = time.perf_counter() - start
         # Each rank's components are its share of the step's loss (the normaliser counts every DP rank's tokens
         # and is divided by the DP size for DDP's gradient average): their DP mean is the step's loss.
         names = sorted(totals)
@@ -296,6 +314,16 @@ class Trainer:
             dist.all_reduce(shares, group=self.dp_group)
             shares /= self.dp_size
         components = dict(zip(names, shares.tolist()))
+        tokens = tokens.tolist()
+        lr = learning_rate(cfg, self.step)
+        if skipped:
+            self.consecutive_bad += 1
+            self.skipped_total += 1
+        else:
+            self.consecutive_bad = 0
+            self.optimizer.step(lr, grad_norm)
+        self.tokens_seen += int(tokens[0])
+        elapsed = clock.seconds()
         total = sum(w * components[name] for plan in self.teachers for name, w in zip(plan.names(), plan.weights))
         total += sum(getattr(cfg.losses, k).weight * components[k] for k in ("hidden", "attention") if k in components)
         extra = {"tokens_per_s": float(tokens[0]) / elapsed, "step_seconds": elapsed,
