@@ -278,6 +278,10 @@ def report(equivalent: list[dict], stage_c: dict | None) -> bool:
         print(f"{r['T']:>7}{r['cp']:>4}{r['loss']:>9.4f}{r['grad_norm']:>9.3f}{r['tokens_per_s']:>9.0f}"
               f"{r['tokens_per_s_per_gpu']:>10.0f}{r['peak_gib']:>13.1f}{errors}  {r.get('ok', '')}")
         ok &= r.get("ok", True)
+    for total in sorted({r["T"] for r in equivalent}):
+        peaks = {r["cp"]: r.get("peak_gib") for r in equivalent if r["T"] == total}
+        if peaks.get(1) and peaks.get(2):
+            print(f"T={total}: peak memory per GPU at CP=2 is {peaks[2] / peaks[1]:.2f} × CP=1's")
     if stage_c is not None:
         print(f"\nstage C through launch/torchrun.sh, T={stage_c['T']}, CP=2: {stage_c['steps']} steps, loss "
               f"{stage_c['loss_first']:.4f} → {stage_c['loss_last']:.4f}, {stage_c['skipped']} skipped, "
