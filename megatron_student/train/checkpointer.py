@@ -105,7 +105,10 @@ class Checkpointer:
         """The written rank whose trainer state this rank resumes: itself at the written CP; otherwise the one at
         this rank's TP, DP and EP coordinates and CP rank 0 (CP ranks hold the same state)."""
         ranks_path = directory / "trainer" / RANKS_FILE
-        if not ranks_path.is_file():
+        if not ranks_path.is_file():  # written before the coordinates were recorded: at CP 1
+            if self.layout["cp"] != 1:
+                raise ValueError(f"{ranks_path}: missing (a checkpoint from before context parallelism); resume it "
+                                 "at CP 1")
             return self.rank
         written = json.loads(ranks_path.read_text())
         if len(written) == self.layout["world"] and written[self.rank] == self.coordinates:
