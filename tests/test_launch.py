@@ -53,7 +53,7 @@ def _slurm_env(bindir: Path, **extra) -> dict[str, str]:
            if not k.startswith(("SLURM_", "MASTER_", "NCCL_")) and k not in
            ("CONFIG", "REPO_DIR", "LAUNCHER", "DRY_RUN", "GPUS", "GPUS_PER_NODE", "WORLD_SIZE", "RANK",
             "LOCAL_RANK", "OUTPUT_DIR", "LOG_DIR", "ENV_ACTIVATE", "CONTAINER_IMAGE", "OMP_NUM_THREADS",
-            "CUDA_DEVICE_MAX_CONNECTIONS", "JOB_NAME", "JOB_ID", "NNODES", "SRUN_ARGS", "TORCHRUN_ARGS")}
+            "CUDA_DEVICE_MAX_CONNECTIONS", "JOB_NAME", "JOB_ID", "NNODES", "SRUN_ARGS", "TORCHRUN_ARGS", "CP")}
     env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_JOB_ID="123456", SLURM_JOB_NAME="ms-test",
                SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="16",
                SLURM_JOB_NODELIST="gpu-node[017-018]", SLURM_PROCID="0", SLURM_LOCALID="0",
