@@ -29,7 +29,7 @@ from .config import ConfigError, TrainConfig
 
 @dataclass
 class MicroBatch:
-    tokens: torch.Tensor  # [1, N] (N = B·S)
+    tokens: torch.Tensor  # [1, N] (N = B·S; under CP this rank's chunk, N = B·S / CP, as every per-token field)
     packed: PackedSeqParams
     targets: torch.Tensor  # [N] next-token labels (−100: not trained)
     weights: torch.Tensor  # [N] float32 loss weights
