@@ -187,7 +187,7 @@ def equivalence_ranks(out: Path, lengths: list[int], iters: int) -> None:
             row = {"T": total, "cp": cp}
             try:
                 measured = _measure(model, config.vocab_size, total, cp_rank, cp, iters, device)
-            except torch.OutOfMemoryError:  # CP = 1 only: every rank runs alone, so every rank gets it
+            except torch.cuda.OutOfMemoryError:  # CP = 1 only: every rank runs alone, so every rank gets it
                 if cp != 1:
                     raise
                 gc.collect()
