@@ -52,11 +52,10 @@
 #                     the same sbatch command resumes it.
 #   DRY_RUN           1: print the resolved environment and command(s), exit 0, launch nothing;
 #                     works without Slurm (placeholders: one node, MASTER_ADDR=localhost).
-#   ALLOW_CONTEXT_PARALLEL  1: do not refuse context-parallel overrides (see below).
-#
-# Context parallelism: the model has it (megatron_student/ops/context_parallel.py, ParallelConfig.context_parallel)
-# but the trainer does not split batches over context-parallel ranks yet, so the launcher refuses overrides that
-# set a context-parallel size > 1.
+#   CP                context-parallel size: passed as the override parallel.cp=CP (each packed sequence split
+#                     into CP contiguous chunks, one per rank; README "Stage C with context parallelism"). The
+#                     world size must be a multiple of CP (and of TP × CP; the trainer checks that). Unset: the
+#                     config's parallel.cp.
 
 set -euo pipefail
 
@@ -85,12 +84,11 @@ ms_resolve_common() {
   local kv
   for kv in "${MS_OVERRIDES[@]+"${MS_OVERRIDES[@]}"}"; do
     [[ "$kv" == *=* && "$kv" != =* ]] || ms_die "override '$kv' is not of the form key=value"
-    if [[ "${ALLOW_CONTEXT_PARALLEL:-0}" != 1 && "${kv%%=*}" =~ (^|[._])(context_parallel(_size)?|cp(_size)?)$ \
-          && "${kv#*=}" =~ ^[0-9]+$ && "${kv#*=}" -gt 1 ]]; then
-      ms_die "'$kv': context parallelism is not supported by the trainer yet (keep it at 1; scale long" \
-             "context with TP + sequence parallel and activation recompute instead)"
-    fi
   done
+  if [[ -n "${CP:-}" ]]; then
+    [[ "$CP" =~ ^[1-9][0-9]*$ ]] || ms_die "CP must be a positive integer (the context-parallel size), got '$CP'"
+    MS_OVERRIDES+=("parallel.cp=$CP")
+  fi
   if [[ -n "${OUTPUT_DIR:-}" ]]; then
     MS_OVERRIDES+=("checkpoint.dir=$OUTPUT_DIR/checkpoints" "logging.dir=$OUTPUT_DIR/logs")
   fi
@@ -133,11 +131,18 @@ ms_resolve_env() {
 ms_print_env() {
   local v
   echo "# environment"
-  for v in REPO_DIR CONFIG DEVICE LAUNCHER JOB_NAME JOB_ID NNODES GPUS_PER_NODE WORLD_SIZE MASTER_ADDR MASTER_PORT \
+  for v in REPO_DIR CONFIG DEVICE LAUNCHER JOB_NAME JOB_ID NNODES GPUS_PER_NODE WORLD_SIZE CP MASTER_ADDR MASTER_PORT \
            NODELIST LOG_DIR JOB_LOG_DIR ENV_ACTIVATE CONTAINER_IMAGE CONTAINER_MOUNTS CONTAINER_WORKDIR \
            CUDA_VISIBLE_DEVICES CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS PYTHONUNBUFFERED "${MS_NCCL_PASSTHROUGH[@]}"; do
     if [[ -n "${!v+x}" && -n "${!v}" ]]; then printf '%s=%q\n' "$v" "${!v}"; fi
   done
+}
+
+# The world size must split into context-parallel groups of CP ranks.
+ms_check_cp() {
+  if [[ -n "${CP:-}" ]] && (( WORLD_SIZE % CP )); then
+    ms_die "CP=$CP does not divide the world size $WORLD_SIZE (ranks = nodes x GPUs per node)"
+  fi
 }
 
 ms_quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
@@ -181,6 +186,7 @@ ms_launch_slurm() {
   if [[ -n "${SLURM_NTASKS:-}" && "$LAUNCHER" == srun && "$SLURM_NTASKS" != "$WORLD_SIZE" ]]; then
     ms_log "warning: SLURM_NTASKS=$SLURM_NTASKS but NNODES*GPUS_PER_NODE=$WORLD_SIZE; using $WORLD_SIZE tasks"
   fi
+  ms_check_cp
 
   if [[ -z "${MASTER_ADDR:-}" ]]; then
     if [[ $in_slurm == 1 ]] && command -v scontrol >/dev/null 2>&1; then
@@ -322,6 +328,7 @@ ms_launch_local() {
   fi
   [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || ms_die "GPUS must be a positive integer, got '$GPUS'"
   GPUS_PER_NODE="$GPUS"; NNODES=1; WORLD_SIZE="$GPUS"
+  ms_check_cp
   JOB_NAME="${JOB_NAME:-$MS_DEFAULT_JOB_NAME}"
   JOB_ID="${JOB_ID:-$(date +%Y%m%d-%H%M%S)-$$}"
   JOB_LOG_DIR="$LOG_DIR/$JOB_NAME-$JOB_ID"

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from megatron_harness import hf_student
 
-from megatron_student.checkpoint import METADATA_KEY, MegatronCheckpoint, load_model, single_process_group
+from megatron_student.checkpoint import (METADATA_KEY, MegatronCheckpoint, load_model, read_record, resolve_megatron_dir,
+                                         single_process_group)
 from megatron_student.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_student.megatron import ParallelConfig, initialize_parallel
 from megatron_student.teacher import TeacherConfigError, make_tiny_teacher
@@ -159,3 +160,13 @@ def test_damaged_record_is_named_by_every_reader(megatron_dir, tmp_path, edit, p
         initialize_parallel(parallel)
         with pytest.raises(ConversionError, match=expected):
             load_model(bad, "student", parallel)
+
+
+def test_record_from_before_context_parallelism_reads_as_cp_1(megatron_dir, tmp_path):
+    """The layout records the context-parallel size of the run that wrote it (the converter: 1); a record written
+    before that field existed still exports, read as CP 1."""
+    assert read_record(resolve_megatron_dir(megatron_dir)).layout.written_cp == 1
+    old = rewritten(megatron_dir, tmp_path / "old", lambda t, r: r["layout"].pop("written_cp"))
+    assert read_record(old).layout.written_cp == 1
+    convert_megatron_to_hf(old, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

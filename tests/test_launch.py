@@ -53,7 +53,7 @@ def _slurm_env(bindir: Path, **extra) -> dict[str, str]:
            if not k.startswith(("SLURM_", "MASTER_", "NCCL_")) and k not in
            ("CONFIG", "REPO_DIR", "LAUNCHER", "DRY_RUN", "GPUS", "GPUS_PER_NODE", "WORLD_SIZE", "RANK",
             "LOCAL_RANK", "OUTPUT_DIR", "LOG_DIR", "ENV_ACTIVATE", "CONTAINER_IMAGE", "OMP_NUM_THREADS",
-            "CUDA_DEVICE_MAX_CONNECTIONS", "JOB_NAME", "JOB_ID", "NNODES", "SRUN_ARGS", "TORCHRUN_ARGS")}
+            "CUDA_DEVICE_MAX_CONNECTIONS", "JOB_NAME", "JOB_ID", "NNODES", "SRUN_ARGS", "TORCHRUN_ARGS", "CP")}
     env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_JOB_ID="123456", SLURM_JOB_NAME="ms-test",
                SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="16",
                SLURM_JOB_NODELIST="gpu-node[017-018]", SLURM_PROCID="0", SLURM_LOCALID="0",
@@ -182,15 +182,30 @@ def test_default_config_missing_names_the_default(fake_repo):
     assert res.returncode != 0 and "configs/stage_b_full_distill.yaml" in res.stderr
 
 
-def test_bad_override_and_context_parallel_refused(fake_repo):
+def test_bad_override_refused(fake_repo):
     repo, bindir = fake_repo
-    env = _slurm_env(bindir, DRY_RUN="1")
-    res = _run(repo / "launch" / "stage_c.slurm", "not-an-override", env=env)
+    res = _run(repo / "launch" / "stage_c.slurm", "not-an-override", env=_slurm_env(bindir, DRY_RUN="1"))
     assert res.returncode != 0 and "key=value" in res.stderr
-    res = _run(repo / "launch" / "stage_c.slurm", "parallel.context_parallel_size=2", env=env)
-    assert res.returncode != 0 and "context parallelism is not supported" in res.stderr
-    res = _run(repo / "launch" / "stage_c.slurm", "parallel.context_parallel_size=1", env=env)
+
+
+def test_context_parallel_size_is_passed_and_checked(fake_repo):
+    """CP=N becomes the override parallel.cp=N (after the user's overrides) for the Slurm and the torchrun launch;
+    a CP that is not a positive integer or does not divide the world size is refused before anything starts."""
+    repo, bindir = fake_repo
+    res = _run(repo / "launch" / "stage_c.slurm", "data.seq_len=65536", env=_slurm_env(bindir, DRY_RUN="1", CP="4"))
     assert res.returncode == 0, res.stderr
+    assert _command_line(res.stdout).endswith("data.seq_len=65536 parallel.cp=4")
+    assert "CP=4" in res.stdout and "WORLD_SIZE=16" in res.stdout
+    local = {k: v for k, v in _slurm_env(bindir, DRY_RUN="1", GPUS="2", CP="2").items() if not k.startswith("SLURM_")}
+    res = _run(repo / "launch" / "torchrun.sh", env=local)
+    assert res.returncode == 0, res.stderr
+    assert _command_line(res.stdout).endswith("stage_b_full_distill.yaml parallel.cp=2")
+    res = _run(repo / "launch" / "stage_c.slurm", env=_slurm_env(bindir, DRY_RUN="1", CP="3"))
+    assert res.returncode != 0 and "CP=3 does not divide the world size 16" in res.stderr
+    res = _run(repo / "launch" / "torchrun.sh", env={**local, "CP": "two"})
+    assert res.returncode != 0 and "CP must be a positive integer" in res.stderr
+    res = _run(repo / "launch" / "stage_c.slurm", env=_slurm_env(bindir, DRY_RUN="1"))
+    assert res.returncode == 0 and "parallel.cp" not in _command_line(res.stdout)  # unset: the config's
 
 
 @pytest.mark.parametrize("gpus", ["1", "4"])

@@ -18,10 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from megatron_student.data.manifest import load_manifest
 from megatron_student.data.prepare import prepare
+from megatron_student.data.storage import HarmonyPackedDataset
+from megatron_student.harmony_vocab import GPT_OSS_VOCAB_SIZE
 from megatron_student.offline.format import CaptureError
 from megatron_student.student.surgery import init_student
 from megatron_student.teacher.tiny import make_tiny_teacher
+from megatron_student.train.batches import ContextChunk, read_micro_batch
 from megatron_student.train.config import config_from_dict
+from megatron_student.train.teacher_signal import OfflineTeacher
 from megatron_student.train.trainer import Trainer, distributed_context
 
 ASSETS = Path(__file__).resolve().parents[1] / "megatron_student" / "assets"
@@ -126,3 +130,26 @@ def test_a_capture_of_other_data_is_refused_at_start(root, tmp_path):
                                                                    r"seq_len 256, data\.seq_len is 512"):
         Trainer(config)
     assert torch.is_grad_enabled()
+
+
+def test_offline_rows_of_a_context_parallel_chunk_are_its_positions(root):
+    """Under context parallelism each rank's micro-batch is its contiguous chunk of the whole one (tokens, labels,
+    weights, token counts) and the offline teacher gives exactly the stored rows of those positions."""
+    config = make_config(root, "cp_rows", teacher={"kind": "offline", "path": str(root / "capture")})
+    cpu = torch.device("cpu")
+    dataset = HarmonyPackedDataset(root / "data", "train")
+    teacher = OfflineTeacher(config, str(root / "capture"), GPT_OSS_VOCAB_SIZE, cpu)
+    whole = read_micro_batch(dataset, [0, 1], config.losses.channels, cpu)
+    rows = teacher.targets(whole)
+    chunks = [read_micro_batch(dataset, [0, 1], config.losses.channels, cpu, ContextChunk(r, 4)) for r in range(4)]
+    assert sum(mb.num_tokens for mb in chunks) == whole.num_tokens
+    assert sum(mb.final_tokens for mb in chunks) == whole.final_tokens > 0
+    for mb in chunks:
+        window = slice(mb.offset, mb.offset + 128)  # 2 rows of 256 in 4 chunks
+        assert torch.equal(mb.tokens, whole.tokens[:, window]) and torch.equal(mb.targets, whole.targets[window])
+        assert torch.equal(mb.weights, whole.weights[window])
+        assert torch.equal(mb.packed.cu_seqlens_q, whole.packed.cu_seqlens_q)  # the documents of the whole stream
+        part = teacher.targets(mb)
+        for name in ("ids", "logprobs", "log_tail"):
+            assert torch.equal(getattr(part, name), getattr(rows, name)[window]), name
+    assert [mb.offset for mb in chunks] == [0, 128, 256, 384]

@@ -167,7 +167,7 @@ def test_chain_stage_a_then_b_then_export_loads_and_generates(chain):
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{name}:\n{logs[name][-4000:]}"
     assert infos["stage_a"]["EndTime"] <= infos["stage_b"]["StartTime"] <= infos["export"]["StartTime"]
     for stage in ("a", "b"):
-        assert f"[demo_{stage}] steps 0→{STEPS}, world 2 (TP 1, EP 1, DP 2)" in logs[f"stage_{stage}"]
+        assert f"[demo_{stage}] steps 0→{STEPS}, world 2 (TP 1, CP 1, EP 1, DP 2)" in logs[f"stage_{stage}"]
         assert [r["step"] for r in train_rows(run / f"stage_{stage}")] == list(range(1, STEPS + 1))
     resolved = yaml.safe_load((run / "stage_b" / "checkpoints" / f"iter_{STEPS:07d}" / "config.yaml").read_text())
     assert resolved["student"] == {"hf": None, "megatron": str(run / "stage_a" / "checkpoints"), "dtype": "auto"}

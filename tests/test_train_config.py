@@ -64,6 +64,8 @@ def test_student_plans_resolve(name, layers):
     ("optimizer.implementation=apex", "optimizer.implementation: 'apex' is not one of"),
     ("recompute.granularity=selective", "recompute.granularity: 'selective' is not one of"),
     ("recompute.num_layers=0", "recompute.num_layers: must be >= 1"),
+    ("parallel.cp=0", "parallel.cp: must be >= 1"),
+    ("parallel.cp=3", "data.seq_len: 256 × data.micro_batch 1 must be divisible by parallel.tp × parallel.cp = 1 × 3"),
     ("eval.suite=default", "eval.suite_every: must be a positive multiple of checkpoint.every=10"),
     ("eval.suite=nosuch.yaml", "eval.suite: 'nosuch.yaml' is neither a built-in suite"),
 ])

@@ -169,7 +169,7 @@ def test_micro_batches_name_the_samples_they_hold(setup):
     dataset = HarmonyPackedDataset(setup / "data", "train")
     drawn = []
     for rank in range(2):
-        stream, accumulation = train_stream(config, rank, 2, 1, torch.device("cpu"))
+        stream, accumulation = train_stream(config, rank, 2, torch.device("cpu"))
         assert accumulation == 1
         batches = [stream.next_micro_batch() for _ in range(3)]
         for mb in batches:

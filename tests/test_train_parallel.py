@@ -18,14 +18,14 @@ from megatron_student.teacher.tiny import make_tiny_teacher
 ASSETS = Path(__file__).resolve().parents[1] / "megatron_student" / "assets"
 
 
-def run_stage(root: Path, name: str, tp: int, world: int | None = None, ep: int = 1,
-              experts: str = "sequential") -> list[dict]:
-    world = world or tp
+def run_stage(root: Path, name: str, tp: int, world: int | None = None, ep: int = 1, cp: int = 1, steps: int = 3,
+              experts: str = "sequential", overrides: tuple[str, ...] = ()) -> list[dict]:
+    world = world or tp * cp
     config = {
-        "stage": name, "steps": 3, "seed": 11,
+        "stage": name, "steps": steps, "seed": 11,
         "student": {"hf": str(root / "student")}, "teacher": {"path": str(root / "teacher"), "dtype": "fp32"},
         "data": {"path": str(root / "data"), "seq_len": 256, "micro_batch": 1, "global_batch": 2, "shuffle": False},
-        "parallel": {"tp": tp, "ep": ep, "experts": experts},
+        "parallel": {"tp": tp, "ep": ep, "cp": cp, "experts": experts},
         "optimizer": {"lr": 1e-3, "freeze": ["^embedding\\."]},
         "schedule": {"warmup_steps": 0, "decay": "constant"},
         "losses": {"logits": [{"kind": "forward_kl", "weight": 1.0}, {"kind": "ce", "weight": 0.1}],
@@ -36,10 +36,10 @@ def run_stage(root: Path, name: str, tp: int, world: int | None = None, ep: int 
     path.write_text(yaml.safe_dump(config))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "-m", "megatron_student.cli", "train", str(path)], env=env,
+    result = subprocess.run([*launcher, "-m", "megatron_student.cli", "train", str(path), *overrides], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"world {world} (TP {tp}," in result.stdout  # the layout really ran
+    assert f"world {world} (TP {tp}, CP {cp}," in result.stdout  # the layout really ran
     rows = [json.loads(line) for line in (root / name / "logs" / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "train/loss" in r]
 

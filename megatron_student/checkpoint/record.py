@@ -5,7 +5,8 @@ the trainer's loader, the HF export and the handoff.
 The stored dict holds, in this order: ``format_version``, ``role`` ("student"/"teacher"), ``hf_config`` (the HF
 config dict the model is built from), ``source`` (what it was made from), ``stage``, ``tokens_seen``, ``dtype``
 (the parameter dtype name), ``step`` (training checkpoints only) and ``layout`` (the TP/EP it was written at and
-is meant for, and the vocabulary padding unit).
+is meant for, the vocabulary padding unit, and the context-parallel size of the run that wrote it: informational,
+since CP shards no weight and a checkpoint loads at any CP; records written before CP existed lack it and read as 1).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CheckpointLayout:
     target_tp: int
     target_ep: int
     make_vocab_size_divisible_by: int = VOCAB_DIVISIBLE_BY
+    written_cp: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +77,8 @@ class CheckpointRecord:
             raise ConversionError(f"{where}: '{METADATA_KEY}' record field 'hf_config' is not a dict")
         layout = stored["layout"]
         layout_fields = [f.name for f in dataclasses.fields(CheckpointLayout)]
+        if isinstance(layout, dict) and "written_cp" not in layout:  # a record from before context parallelism
+            layout = {**layout, "written_cp": 1}
         if not isinstance(layout, dict) or sorted(layout) != sorted(layout_fields):
             raise ConversionError(f"{where}: '{METADATA_KEY}' record field 'layout' is {layout!r}; expected a dict "
                                   f"of {layout_fields}")

@@ -6,6 +6,11 @@ its document boundaries (positions and attention restart per conversation). Labe
 so that row t is scored against token t + 1 (the last token of each document predicts nothing), and per-token loss
 weights are built by ``ops.losses.token_weights``. Each micro-batch names the split and sample indices of its rows:
 a teacher signal that looks rows up by sample (an offline capture) reads exactly the samples this rank drew.
+
+Context parallelism (CP ranks share one DP rank's samples): each CP rank keeps the contiguous chunk
+``[r·N/CP, (r+1)·N/CP)`` of the flattened stream (``ops.context_parallel``'s layout) — tokens, labels, weights and
+token counts are the chunk's, ``offset`` says where it starts — while ``packed`` keeps the documents of the whole
+stream: documents cross chunk boundaries, and the attention modules place the chunk inside them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from .config import ConfigError, TrainConfig
 
 @dataclass
 class MicroBatch:
-    tokens: torch.Tensor  # [1, N] (N = B·S)
+    tokens: torch.Tensor  # [1, N] (N = B·S; under CP this rank's chunk, N = B·S / CP, as every per-token field)
     packed: PackedSeqParams
     targets: torch.Tensor  # [N] next-token labels (−100: not trained)
     weights: torch.Tensor  # [N] float32 loss weights
@@ -33,12 +38,29 @@ class MicroBatch:
     final_tokens: int
     split: str = ""  # the prepared split its rows come from ("" when made from loose items)
     samples: tuple[int, ...] = ()  # the split's sample index of each row
+    offset: int = 0  # position of the first token in the whole flattened micro-batch (CP: this rank's chunk start)
 
 
-def make_micro_batch(items: list[dict], channels, device: torch.device) -> MicroBatch:
+@dataclass(frozen=True)
+class ContextChunk:
+    """This rank's place in the context-parallel split of every micro-batch: chunk ``rank`` of ``size``."""
+
+    rank: int = 0
+    size: int = 1
+
+    def window(self, total: int) -> slice:
+        length = total // self.size
+        return slice(self.rank * length, (self.rank + 1) * length)
+
+
+def make_micro_batch(items: list[dict], channels, device: torch.device,
+                     chunk: ContextChunk = ContextChunk()) -> MicroBatch:
     batch = collate_packed(items)
     cu = batch["cu_seqlens"].to(torch.int64)
-    n = batch["input_ids"].numel()
+    rows, seq_len = batch["input_ids"].shape
+    n = rows * seq_len
+    if n % chunk.size:
+        raise ValueError(f"a micro-batch of {n} tokens cannot be split into {chunk.size} context-parallel chunks")
     last = torch.zeros(n, dtype=torch.bool)
     last[cu[1:] - 1] = True  # the last token of each document predicts nothing
 
@@ -47,22 +69,26 @@ def make_micro_batch(items: list[dict], channels, device: torch.device) -> Micro
         out = torch.cat([flat[1:], flat.new_full((1,), fill)])
         return out.masked_fill(last, fill)
 
-    targets = shifted("labels", IGNORE_INDEX)
-    analysis, final = shifted("analysis_mask", False), shifted("final_mask", False)
-    weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0),
+    window = chunk.window(n)
+    real = (torch.arange(seq_len) < batch["num_tokens"][:, None]).reshape(-1)[window]  # not row padding
+    targets = shifted("labels", IGNORE_INDEX)[window]
+    analysis, final = shifted("analysis_mask", False)[window], shifted("final_mask", False)[window]
+    weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0)[window],
                             final_channel=channels.final, analysis_channel=channels.analysis,
                             other_channel=channels.other)
     cu32 = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
                              max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
-    return MicroBatch(batch["input_ids"].reshape(1, -1).to(device), packed, targets.to(device), weights.to(device),
-                      int(batch["num_tokens"].sum()), int((analysis & (targets != IGNORE_INDEX)).sum()),
-                      int((final & (targets != IGNORE_INDEX)).sum()))
+    return MicroBatch(batch["input_ids"].reshape(1, -1)[:, window].to(device), packed, targets.to(device),
+                      weights.to(device), int(real.sum()), int((analysis & (targets != IGNORE_INDEX)).sum()),
+                      int((final & (targets != IGNORE_INDEX)).sum()), offset=window.start)
 
 
-def read_micro_batch(dataset: HarmonyPackedDataset, samples: list[int], channels, device: torch.device) -> MicroBatch:
-    """The micro-batch of ``samples`` of ``dataset``, naming where its rows come from."""
-    mb = make_micro_batch([dataset[i] for i in samples], channels, device)
+def read_micro_batch(dataset: HarmonyPackedDataset, samples: list[int], channels, device: torch.device,
+                     chunk: ContextChunk = ContextChunk()) -> MicroBatch:
+    """The micro-batch of ``samples`` of ``dataset`` (this CP rank's chunk of it), naming where its rows come
+    from."""
+    mb = make_micro_batch([dataset[i] for i in samples], channels, device, chunk)
     return dataclasses.replace(mb, split=dataset.directory.name, samples=tuple(int(i) for i in samples))
 
 
@@ -71,12 +97,12 @@ class BatchStream:
     sampler's position (a resume continues with the next sample)."""
 
     def __init__(self, dataset: HarmonyPackedDataset, sampler: ResumableSampler, micro_batch: int, channels,
-                 device: torch.device):
+                 device: torch.device, chunk: ContextChunk = ContextChunk()):
         if len(sampler) < 1:
             raise ValueError(f"{dataset.directory}: {len(dataset)} samples cannot feed {sampler.world_size} "
                              "data-parallel ranks")
         self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
-        self.channels, self.device = channels, device
+        self.channels, self.device, self.chunk = channels, device, chunk
         self._iter = None
 
     def next_samples(self) -> list[int]:
@@ -91,7 +117,7 @@ class BatchStream:
         return samples
 
     def next_micro_batch(self) -> MicroBatch:
-        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device)
+        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -101,29 +127,28 @@ class BatchStream:
         self._iter = None
 
 
-def train_stream(config: TrainConfig, dp_rank: int, dp_size: int, tp_size: int,
-                 device: torch.device) -> tuple[BatchStream, int]:
-    """(this DP rank's stream over the train split, micro-batches per optimiser step), after checking the batch
-    sizes against the layout and the prepared data (before any model is built)."""
+def train_stream(config: TrainConfig, dp_rank: int, dp_size: int, device: torch.device,
+                 chunk: ContextChunk = ContextChunk()) -> tuple[BatchStream, int]:
+    """(this DP rank's stream over the train split — this CP rank's chunk of it —, micro-batches per optimiser
+    step), after checking the batch sizes against the layout and the prepared data (before any model is built)."""
     cfg, d = config, config.data
     per_step = d.micro_batch * dp_size
     if d.global_batch % per_step:
         raise ConfigError(f"{cfg.source}: data.global_batch: {d.global_batch} is not a multiple of micro_batch × "
                           f"data-parallel size = {d.micro_batch} × {dp_size}")
-    if (d.seq_len * d.micro_batch) % tp_size:
-        raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}·micro_batch must be divisible by "
-                          f"tp={tp_size} (sequence parallelism)")
     dataset = HarmonyPackedDataset(d.path, "train")
     if dataset.seq_len != d.seq_len:
         raise ConfigError(f"{cfg.source}: data.seq_len: {d.seq_len}, but {d.path} was prepared with seq_len "
                           f"{dataset.seq_len}")
     sampler = ResumableSampler(len(dataset), d.seed, d.shuffle, dp_rank, dp_size)
-    return BatchStream(dataset, sampler, d.micro_batch, cfg.losses.channels, device), d.global_batch // per_step
+    stream = BatchStream(dataset, sampler, d.micro_batch, cfg.losses.channels, device, chunk)
+    return stream, d.global_batch // per_step
 
 
-def eval_micro_batches(config: TrainConfig, dp_rank: int, dp_size: int, device: torch.device) -> Iterator[MicroBatch]:
-    """The first ``eval.batches`` micro-batches of the valid split (this DP rank's share, unshuffled); fewer when
-    the split runs out."""
+def eval_micro_batches(config: TrainConfig, dp_rank: int, dp_size: int, device: torch.device,
+                       chunk: ContextChunk = ContextChunk()) -> Iterator[MicroBatch]:
+    """The first ``eval.batches`` micro-batches of the valid split (this DP rank's share, unshuffled; this CP
+    rank's chunk of each); fewer when the split runs out."""
     d = config.data
     dataset = HarmonyPackedDataset(d.path, "valid")
     order = list(ResumableSampler(len(dataset), d.seed, False, dp_rank, dp_size).epoch_order(0))
@@ -131,4 +156,4 @@ def eval_micro_batches(config: TrainConfig, dp_rank: int, dp_size: int, device: 
         chosen = order[b * d.micro_batch:(b + 1) * d.micro_batch]
         if len(chosen) < d.micro_batch:
             return
-        yield read_micro_batch(dataset, chosen, config.losses.channels, device)
+        yield read_micro_batch(dataset, chosen, config.losses.channels, device, chunk)

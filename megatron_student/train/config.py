@@ -78,11 +78,16 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
-    """``experts``: MoE experts as grouped GEMMs (``grouped``), Megatron's per-expert loop (``sequential``), or
+    """``tp``/``ep``: tensor (with sequence) and expert parallelism. ``cp``: context parallelism, each packed
+    micro-batch split into ``cp`` contiguous chunks, one per rank (``ops.context_parallel``); ``seq_len ·
+    micro_batch`` must divide into ``tp × cp`` equal pieces. Data parallelism takes the remaining ranks:
+    DP = world / (tp · cp).
+    ``experts``: MoE experts as grouped GEMMs (``grouped``), Megatron's per-expert loop (``sequential``), or
     ``auto`` (grouped on CUDA in bf16); one checkpoint layout, so a run may switch between them."""
 
     tp: int = 1
     ep: int = 1
+    cp: int = 1
     dispatcher: Literal["allgather", "alltoall"] = "allgather"
     attention_backend: str = "auto"
     experts: Literal["auto", "grouped", "sequential"] = "auto"
@@ -400,6 +405,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     p = config.parallel
     _check(p.tp >= 1, src, "parallel.tp", f"must be >= 1, got {p.tp}")
     _check(p.ep >= 1, src, "parallel.ep", f"must be >= 1, got {p.ep}")
+    _check(p.cp >= 1, src, "parallel.cp", f"must be >= 1, got {p.cp}")
+    _check((d.seq_len * d.micro_batch) % (p.tp * p.cp) == 0, src, "data.seq_len",
+           f"{d.seq_len} × data.micro_batch {d.micro_batch} must be divisible by parallel.tp × parallel.cp = "
+           f"{p.tp} × {p.cp} (equal context-parallel chunks, each split over TP by sequence parallelism)")
     o = config.optimizer
     _check(o.lr > 0, src, "optimizer.lr", f"must be > 0, got {o.lr}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), src, "optimizer.betas",

@@ -1,14 +1,15 @@
 """The teacher's side of the distillation losses: a *signal source* gives, for each micro-batch, what the losses
 need from the teacher (``TeacherTargets``), whatever the teacher is.
 
-``OnlineTeacher``: the teacher model co-located on the student's ranks with the same TP/EP, run under no_grad on
-each micro-batch; its targets are the dense vocab-parallel logits (``DenseTargets``) and the activations the
-alignment losses asked for (layer outputs, attention inputs/outputs).
+``OnlineTeacher``: the teacher model co-located on the student's ranks with the same TP/EP/CP, run under no_grad
+on each micro-batch (under CP on this rank's chunk: its sliding layers exchange a halo, its full-attention layers
+all-gather keys and values, exact); its targets are the dense vocab-parallel logits (``DenseTargets``) and the
+activations the alignment losses asked for (layer outputs, attention inputs/outputs).
 
 ``OfflineTeacher``: stored teacher distributions (a ``capture-teacher`` output, ``offline.format.CaptureReader``);
-its ``targets(mb)`` reads the rows of ``mb.split`` / ``mb.samples`` at the trained positions and compares the
-student with the stored top-k + tail (``SparseTargets``: ``ops.losses.sparse_logit_losses``); it has no
-activations (``num_layers`` 0) and no model in memory.
+its ``targets(mb)`` reads the rows of ``mb.split`` / ``mb.samples`` at the trained positions (under CP, those of
+this rank's chunk) and compares the student with the stored top-k + tail (``SparseTargets``:
+``ops.losses.sparse_logit_losses``); it has no activations (``num_layers`` 0) and no model in memory.
 
 ``teacher_signals(config, ...)``: one ``TeacherPlan`` per teacher of the stage (``teacher`` or ``teachers``), each
 with its logit losses and their weights; the stage's teacher-free ``ce`` rides with the first teacher.
@@ -179,9 +180,14 @@ class OfflineTeacher:
     def targets(self, mb: MicroBatch) -> SparseTargets:
         if not mb.split:
             raise ValueError("an offline teacher needs micro-batches that name their split and samples")
-        ids, logprobs, log_tail, _ = self.reader.micro_batch(mb.split, mb.samples, self.seq_len,
-                                                             required=mb.targets != -100)
-        return SparseTargets(ids.to(self.device), logprobs.to(self.device), log_tail.to(self.device))
+        # Rows are stored per sample and position: read the whole micro-batch, keep this rank's positions (its
+        # context-parallel chunk; all of them without CP).
+        window = slice(mb.offset, mb.offset + mb.targets.numel())
+        required = torch.zeros(len(mb.samples) * self.seq_len, dtype=torch.bool)
+        required[window] = (mb.targets != -100).cpu()
+        ids, logprobs, log_tail, _ = self.reader.micro_batch(mb.split, mb.samples, self.seq_len, required=required)
+        return SparseTargets(ids[window].to(self.device), logprobs[window].to(self.device),
+                             log_tail[window].to(self.device))
 
     def close(self) -> None:
         self.reader = None

@@ -3,14 +3,19 @@
 schedule, freezing, the optimizer) and ``metrics`` (router statistics, the metrics sink).
 
 Per optimiser step:
-1. read this data-parallel rank's micro-batches (``global_batch / (micro_batch · DP)`` of them) and the global loss
-   normaliser over all micro-batches and DP ranks (ops.losses.global_normaliser; Megatron DDP averages gradients
-   over DP);
+1. read this data-parallel rank's micro-batches (``global_batch / (micro_batch · DP)`` of them; with context
+   parallelism this CP rank's contiguous chunk of each, ``batches``) and the global loss normaliser over all
+   micro-batches and DP × CP ranks (ops.losses.global_normaliser; Megatron DDP averages gradients over the
+   data-parallel group with context parallel, DP × CP);
 2. per micro-batch: the teacher's targets (an online teacher's forward under no_grad), the student's forward
    through Megatron DDP, the logit losses on the vocab-parallel logits (TP group), optional hidden-state and
    teacher-forced attention alignment, backward;
-3. ``finalize_model_grads`` (DP and sequence-parallel reductions), the global gradient norm (TP duplicates counted
-   once, experts over EP), NaN/Inf guard, clipping, LR schedule, AdamW step.
+3. ``finalize_model_grads`` (DP × CP and sequence-parallel reductions), the global gradient norm (TP duplicates
+   counted once, experts over EP), NaN/Inf guard, clipping, LR schedule, AdamW step.
+
+Context parallelism (``parallel.cp``): student and online teacher share the layout (``ops.context_parallel``:
+contiguous chunks; the teacher's full-attention layers all-gather keys and values, exact); losses, token counts
+and evaluation sums are reduced over DP × CP.
 
 Optimizer (``optim.py``): on GPU Megatron-Core's (``get_megatron_optimizer``; a bf16 student with fp32 main
 weights, the distributed optimizer by default), on CPU torch AdamW on DDP's fp32 ``main_grad`` buffers (fp32
@@ -48,7 +53,7 @@ from ..ops.losses import (
     hidden_state_loss,
 )
 from .activations import Capture, with_bias
-from .batches import MicroBatch, eval_micro_batches, train_stream
+from .batches import ContextChunk, MicroBatch, eval_micro_batches, train_stream
 from .checkpointer import Checkpointer
 from .config import ConfigError, TrainConfig
 from .graceful_stop import GracefulStop
@@ -130,6 +135,7 @@ class Trainer:
             cfg.student.dtype, torch.bfloat16 if self.optimizer_implementation == "megatron" else torch.float32)
         r = cfg.recompute
         student_parallel = ParallelConfig(tensor_parallel=cfg.parallel.tp, expert_parallel=cfg.parallel.ep,
+                                          context_parallel=cfg.parallel.cp,
                                           dispatcher=cfg.parallel.dispatcher, experts=cfg.parallel.experts,
                                           attention_backend=cfg.parallel.attention_backend,
                                           make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
@@ -140,13 +146,18 @@ class Trainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        # CP ranks share their DP rank's samples (a chunk each): token sums go over DP × CP, as DDP's gradients
+        self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.chunk = ContextChunk(parallel_state.get_context_parallel_rank(),
+                                  parallel_state.get_context_parallel_world_size())
         # The data and a resume's layout are checked before any model is built.
-        self.stream, self.accumulation = train_stream(cfg, self.dp_rank, self.dp_size, self.tp_size, self.device)
-        self.layout = {"world": self.world, "tp": self.tp_size, "ep": cfg.parallel.ep,
-                       "optimizer": self.optimizer_implementation}
+        self.stream, self.accumulation = train_stream(cfg, self.dp_rank, self.dp_size, self.device, self.chunk)
+        self.layout = {"world": self.world, "tp": self.tp_size, "cp": self.chunk.size, "ep": cfg.parallel.ep,
+                       "optimizer": self.optimizer_implementation,
+                       "distributed_optimizer": self.optimizer_implementation == "megatron"
+                       and cfg.optimizer.distributed}
         self.checkpointer = Checkpointer(cfg, self.rank, self.layout)
         self.resume_dir = self.checkpointer.resume_directory()
         if self.resume_dir is not None:
@@ -277,7 +288,7 @@ class Trainer:
         clock = StepClock(self.device)
         batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
         normaliser = global_normaliser([mb.weights for mb in batches], mode=cfg.losses.normaliser,
-                                       group=self.dp_group, dp_grad_average=True)
+                                       group=self.dp_cp_group, dp_grad_average=True)
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -297,7 +308,7 @@ class Trainer:
                 check_finite(values, self.step)
             except NonFiniteLossError as e:
                 bad = True
-                if self.rank == 0 or self.dp_size > 1:
+                if self.rank == 0 or self.dp_size * self.chunk.size > 1:
                     print(f"[rank {self.rank}] step {self.step}: {e}", flush=True)
         flag = torch.tensor([float(bad or not math.isfinite(grad_norm))], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -305,14 +316,14 @@ class Trainer:
         tokens = torch.tensor([float(sum(mb.num_tokens for mb in batches)),
                                float(sum(mb.analysis_tokens for mb in batches)),
                                float(sum(mb.final_tokens for mb in batches))], device=self.device)
-        dist.all_reduce(tokens, group=self.dp_group)
-        # Each rank's components are its share of the step's loss (the normaliser counts every DP rank's tokens
-        # and is divided by the DP size for DDP's gradient average): their DP mean is the step's loss.
+        dist.all_reduce(tokens, group=self.dp_cp_group)
+        # Each rank's components are its share of the step's loss (the normaliser counts every DP × CP rank's
+        # tokens and is divided by DP × CP for DDP's gradient average): their DP × CP mean is the step's loss.
         names = sorted(totals)
         shares = torch.stack([torch.as_tensor(totals[n], dtype=torch.float64, device=self.device).detach() for n in names])
-        if self.dp_size > 1:
-            dist.all_reduce(shares, group=self.dp_group)
-            shares /= self.dp_size
+        if self.dp_cp_group.size() > 1:
+            dist.all_reduce(shares, group=self.dp_cp_group)
+            shares /= self.dp_cp_group.size()
         components = dict(zip(names, shares.tolist()))
         tokens = tokens.tolist()
         lr = learning_rate(cfg, self.step)
@@ -341,14 +352,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Forward KL (T = 1) against each teacher (an offline one: on its stored partition) and CE per weighted
-        token over the first ``eval.batches`` micro-batches of the valid split (this DP rank's share), summed over
-        DP."""
+        token over the first ``eval.batches`` micro-batches of the valid split (this DP rank's share, this CP rank's
+        chunks), summed over DP × CP."""
         cfg = self.config
         sums = torch.zeros(len(self.teachers) + 2, dtype=torch.float64, device=self.device)  # KLs, CE, tokens
         self.ddp.eval()
         self.router_stats.enabled = False
         try:
-            for mb in eval_micro_batches(cfg, self.dp_rank, self.dp_size, self.device):
+            for mb in eval_micro_batches(cfg, self.dp_rank, self.dp_size, self.device, self.chunk):
                 s = self.ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
                 for i, plan in enumerate(self.teachers):
                     specs = [LogitLoss("forward_kl")] + ([LogitLoss("ce")] if i == 0 else [])
@@ -362,7 +373,7 @@ class Trainer:
         finally:
             self.router_stats.enabled = True
             self.ddp.train()
-        dist.all_reduce(sums, group=self.dp_group)
+        dist.all_reduce(sums, group=self.dp_cp_group)
         if sums[-1] == 0:
             return {}
         ce = float(sums[-2] / sums[-1])
@@ -390,7 +401,7 @@ class Trainer:
             stage=cfg.stage, tokens_seen=self.tokens_seen, step=self.step,
             dtype=next(k for k, v in DTYPES.items() if v == self.student_dtype),
             layout=CheckpointLayout(written_tp=self.tp_size, written_ep=cfg.parallel.ep, target_tp=self.tp_size,
-                                    target_ep=cfg.parallel.ep))
+                                    target_ep=cfg.parallel.ep, written_cp=self.chunk.size))
         return self.checkpointer.save(self.step, self.student, record, self)
 
     # ---- the loop
@@ -404,7 +415,8 @@ class Trainer:
             self.sink.console(f"[{cfg.stage}] already at step {self.step} of {cfg.steps}; nothing to do")
             return history
         self.sink.console(f"[{cfg.stage}] steps {self.step}→{cfg.steps}, world {self.world} (TP {self.tp_size}, "
-                          f"EP {cfg.parallel.ep}, DP {self.dp_size}), {self.accumulation} micro-batch(es) per step, "
+                          f"CP {self.chunk.size}, EP {cfg.parallel.ep}, DP {self.dp_size}), {self.accumulation} "
+                          "micro-batch(es) per step, "
                           f"{len(self.frozen)} frozen parameter tensors"
                           + (f", resumed from {self.resume_dir}" if self.resume_dir else ""))
         try:
