@@ -9,22 +9,31 @@ A capture directory::
 A shard is keyed by the prepared dataset's sample indices alone, so it does not depend on the capture's or a
 training run's TP/EP/DP, micro-batch, seed or sampler order: a reader asks for (split, sample, position).
 
-Shard file (format version 2): ``MAGIC`` (8 bytes), u64 little-endian header length, the header as UTF-8 JSON,
+Shard file (format version 3): ``MAGIC`` (8 bytes), u64 little-endian header length, the header as UTF-8 JSON,
 zero padding to 8 bytes, then ``offsets`` int64 [samples + 1] (row range of each sample), ``byte_offsets`` int64
 [samples + 1] (its byte range in ``data``), ``positions`` int32 [rows] (the logits row within the sample, 0-based:
 position t holds the teacher's distribution of token t + 1), ``counts`` uint16 [rows] (ids stored in each row),
-``data`` uint8 [bytes] (the rows, each starting on a byte). The header records every length, so a truncated file
-is detected from its size.
+``data`` uint8 [bytes] (each sample's rows). The header records every length, so a truncated file is detected
+from its size; rows that do not decode to exactly their sample's bytes are reported as damage.
 
-One row (``Compression``) is a little-endian bit stream of temperature-1 log-probabilities sorted by descending
-probability, padded to a byte:
+A row (``Compression``) holds temperature-1 log-probabilities of ``n`` ids sorted by descending probability:
 
 * the tail mass ``1 − Σ_stored p`` as float32 log (−inf when the row covers the vocabulary), computed from the
   dense logits by a log-sum-exp over the other ids, not by subtraction;
 * the first ``exact_k`` log-probabilities as bf16, then the row's smallest stored one (the *floor*) as bf16;
-* the row's ``n`` token ids, ``id_bits`` bits each (18 for gpt-oss's 201,088 ids);
-* the other ``n − exact_k − 1`` log-probabilities as ``quant_bits``-bit codes on a uniform grid in log space
-  between the last exact value and the floor (the sorted order keeps them in that interval; error ≤ half a step).
+* the order k (5 bits) of the Exp-Golomb code of its id gaps, then the ``exact_k`` most probable ids,
+  ``id_bits`` bits each (18 for gpt-oss's 201,088 ids);
+* the other ``n − exact_k`` ids as a set: in increasing id order, each with a ``quant_bits``-bit code of its
+  log-probability on a uniform grid in log space between the last exact value and the floor (error ≤ half a step),
+  and the gaps between consecutive ids (id − previous − 1, the first from −1) in Exp-Golomb order k: g as the m + 1
+  bits of g + 2^k behind m − k zeros (m = ⌊log2(g + 2^k)⌋), 2m − k + 1 bits; k is the row's cheapest. A set of
+  ~100 ids of 201,088 then costs ~12–13 bits an id instead of 18 (the entropy of a random such set is ~12.4) and
+  less when the ids cluster, as a language model's likely tokens do in a BPE vocabulary.
+
+Rows are written in chunks of ``ENCODE_CHUNK_ROWS``, each chunk starting on a byte: the fixed part of every row
+(tail, exact values, floor, order, exact ids), then every row's codes, then the gaps' zero-prefixes, then their
+remaining bits, so that a chunk decodes with array operations (the prefixes end at the ones; their lengths give
+the rest).
 
 How many ids a row stores (``n`` in [``min_k``, ``top_k``]) is chosen per packed sample: with a byte budget
 (``bytes_per_token`` > 0) the sample's rows share ``bytes_per_token × rows`` bytes (the index included), and each
@@ -33,7 +42,8 @@ ids, a flat one many. ``bytes_per_token`` = 0 stores ``top_k`` ids in every row.
 
 Decoding rescales the stored probabilities so that they sum to exactly ``1 − tail``: the tail bucket is kept exact
 and the quantisation error stays among the stored ids. Decoded rows are padded to a common width with id −1 and
-log-probability −inf (``ops.losses.sparse_logit_losses`` skips those slots).
+log-probability −inf (``ops.losses.sparse_logit_losses`` skips those slots); the order of the ids within a row does
+not matter to the losses. Format 2 (18-bit ids in probability order) is refused with its version named.
 """
 
 from __future__ import annotations
@@ -76,7 +86,7 @@ class Compression:
     top_k: int = 256
     min_k: int = 4
     bytes_per_token: float = 192.0
-    exact_k: int = 1
+    exact_k: int = 2
     quant_bits: int = 4
     id_bits: int = 18
 
