@@ -13,6 +13,13 @@ compares the encodings (check-capture's table and plot) on synthetic language-mo
 ids instead: ``zipf`` (every row p ∝ rank^-2 with log-normal noise σ 0.5: mean top-1 p 0.57, entropy 1.7
 nats) and ``mixed`` (per row a slope in [1.2, 2.8] and a top-1 boost of up to 6 nats: mean top-1 p 0.81,
 entropy 1.0, median 0.66), 64 rows per "sample".
+
+    python benchmarks/capture.py --demo --output runs/capture_demo [--teacher runs/demo/teacher]   # CPU
+
+does the same on a real language model's rows: the demo's teacher (``megatron-student demo``: the tiny gpt-oss with
+the real 201,088-id vocabulary, trained on the bundled Harmony conversations; trained here as the demo trains it
+unless ``--teacher`` gives one so trained) and the demo's data packed at 256, captured (train and valid splits)
+and checked on the held-out split's positions.
 """
 
 from __future__ import annotations
@@ -67,6 +74,22 @@ def synthetic(args) -> None:
     (args.output / "synthetic.json").write_text(json.dumps(results, indent=1))
 
 
+def demo_teacher_and_data(out: Path, teacher: Path | None) -> tuple[Path, Path]:
+    """The demo's data (``out/data``) and trained teacher (``teacher``, or ``out/teacher`` trained as the demo does)."""
+    from importlib import resources
+
+    from megatron_student.data.manifest import load_manifest
+    from megatron_student.data.prepare import prepare
+    from megatron_student.demo import TEACHER_SHAPE, TEACHER_TRAINING, train_tiny_teacher
+
+    with resources.as_file(resources.files("megatron_student") / "assets" / "demo_manifest.yaml") as manifest:
+        prepare(load_manifest(manifest), out / "data", seq_len=256, progress=False)
+    if teacher is None:
+        teacher = make_tiny_teacher(out / "teacher", **TEACHER_SHAPE, overwrite=True)
+        train_tiny_teacher(teacher, out / "data", **TEACHER_TRAINING)
+    return teacher, out / "data"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/capture_bench"))
@@ -79,6 +102,7 @@ def main() -> None:
     parser.add_argument("--capture-args", nargs="*", default=[],
                         help="extra capture-teacher flags (e.g. --bytes-per-token 160)")
     parser.add_argument("--synthetic", action="store_true", help="the encodings on synthetic rows only (CPU)")
+    parser.add_argument("--demo", action="store_true", help="the demo's trained teacher and data (CPU)")
     args = parser.parse_args()
     if args.synthetic:
         args.samples = min(args.samples, 256)
@@ -87,18 +111,25 @@ def main() -> None:
 
     out = args.output
     teacher = args.teacher
-    if teacher is None:
-        teacher = out / "teacher"
-        make_tiny_teacher(teacher, layers=4, experts=8, dtype="bf16", overwrite=True, **WIDTH_20B)
-    make_data(out / "data", args.conversations, args.seq_len)
+    splits = ["--split", "train"]
+    if args.demo:
+        teacher, data = demo_teacher_and_data(out, teacher)
+        splits = ["--split", "train", "--split", "valid"]
+    else:
+        if teacher is None:
+            teacher = out / "teacher"
+            make_tiny_teacher(teacher, layers=4, experts=8, dtype="bf16", overwrite=True, **WIDTH_20B)
+        make_data(out / "data", args.conversations, args.seq_len)
+        data = out / "data" / "packed"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
     start = time.perf_counter()
     subprocess.run([*launcher, "-m", "megatron_student.cli", "capture-teacher", "--teacher", str(teacher),
-                    "--data", str(out / "data" / "packed"), "--output", str(out / "capture"), "--tp", str(args.tp),
-                    "--samples-per-shard", "64", *args.capture_args], check=True)
+                    "--data", str(data), "--output", str(out / "capture"), "--tp", str(args.tp),
+                    "--samples-per-shard", "64", *splits, *args.capture_args], check=True)
     wall = time.perf_counter() - start
     subprocess.run([sys.executable, "-m", "megatron_student.cli", "check-capture", str(out / "capture"), "--teacher",
-                    str(teacher), "--samples", str(args.samples)], check=True)
+                    str(teacher), "--samples", str(args.samples), "--split", splits[-1],
+                    "--bytes-per-token", "128", "160", "192", "256", "--top-k", "64", "128"], check=True)
     summary = json.loads((out / "capture" / "capture.json").read_text())["summary"]
     fidelity = json.loads((out / "capture" / "check" / "fidelity.json").read_text())
     results = {"gpus": args.gpus, "tp": args.tp, "capture_wall_s": wall, "summary": summary,

@@ -1,6 +1,9 @@
 """Offline teacher capture (megatron_student.offline): the row encoding, `capture-teacher` as a subprocess (TP=1
 killed and resumed equals gloo TP=2 under torchrun), `check-capture` (the stored rows equal a fresh compression of
-the dense teacher), and the errors a reader raises for damaged or mismatched captures."""
+the dense teacher), and the errors a reader raises for damaged or mismatched captures.
+
+The GPU test (bf16 capture on CUDA, checked against the dense bf16 teacher) runs on the device machine with
+``source devrun/env.sh && python3 -m pytest -q -m gpu tests/test_offline_capture.py``."""
 
 from __future__ import annotations
 
@@ -60,33 +63,47 @@ def _peaked_rows(n: int, vocab: int, k: int, seed: int):
 
 def test_rows_round_trip_within_the_quantisation_step():
     log_p, ids, values, log_tail = _peaked_rows(50, 3000, 40, seed=0)
+    ids = ids * 67  # spread over a 201,088-id vocabulary
     c = fmt.Compression.for_vocab(201088, top_k=40, min_k=4, bytes_per_token=0, exact_k=3, quant_bits=5)
-    # 32-bit tail, 3 exact bf16 and the bf16 floor, 40 × 18-bit ids, 36 × 5-bit codes
-    assert c.id_bits == 18 and c.row_bytes(40) == (32 + 48 + 16 + 720 + 180 + 7) // 8
+    # per row: 32-bit tail, 3 exact bf16 and the bf16 floor, the 5-bit gap-code order, 3 × 18-bit exact ids, a
+    # 5-bit code per other id
+    assert c.id_bits == 18 and c.fixed_bits(40) == 32 + 48 + 16 + 5 + 54 + 37 * 5
     counts = np.array([40] * 25 + [4, 5, 39, 17, 8] * 5)
     data = fmt.encode_rows(ids, values.float(), log_tail.float(), counts, c)
-    assert data.shape == (int(c.row_bytes(counts).sum()),)
     got_ids, got_lp, got_tail = fmt.decode_rows(data, counts, c, width=40)
+    gap_bits = 0
     for i, n in enumerate(counts):
-        assert torch.equal(got_ids[i, :n], ids[i, :n]) and bool((got_ids[i, n:] == fmt.PAD_ID).all())
-        assert bool(torch.isneginf(got_lp[i, n:]).all())
+        # the exact ids first, by probability; the others in increasing id order
+        assert torch.equal(got_ids[i, :3], ids[i, :3]) and torch.equal(got_ids[i, 3:n], ids[i, 3:n].sort().values)
+        assert bool((got_ids[i, n:] == fmt.PAD_ID).all()) and bool(torch.isneginf(got_lp[i, n:]).all())
         # the tail bucket is exact: the mass beyond the row's own n ids, from the dense row
-        assert torch.allclose(got_tail[i].double(), torch.logsumexp(log_p[i].scatter(0, ids[i, :n], -math.inf), 0),
-                              rtol=1e-6, atol=1e-6)  # an fp32 log
+        assert torch.allclose(got_tail[i].double(), torch.logsumexp(log_p[i].scatter(0, ids[i, :n] // 67, -math.inf),
+                                                                    0), rtol=1e-6, atol=1e-6)  # an fp32 log
         assert torch.allclose(got_lp[i, :n].double().exp().sum() + got_tail[i].double().exp(),
                               torch.ones((), dtype=torch.float64))
         step = (values[i, 2] - values[i, n - 1]) / 31
+        true = dict(zip(ids[i, :n].tolist(), values[i, :n].tolist()))
+        err = got_lp[i, :n].double() - torch.tensor([true[j] for j in got_ids[i, :n].tolist()], dtype=torch.float64)
         # after rescaling to 1 − tail every value moves by the same shift; the spacing error is ≤ half a step + bf16
-        err = (got_lp[i, :n].double() - values[i, :n]) - (got_lp[i, 0].double() - values[i, 0])
+        err = err - err[0]
         assert bool((err.abs() <= step / 2 + 0.01 * values[i, :n].abs() + 1e-6).all()), (i, n, err)
+        # the gaps between the sorted other ids, Exp-Golomb coded at the row's best order: 2⌊log2(g + 2^k)⌋ − k + 1
+        gaps = torch.diff(ids[i, 3:n].sort().values, prepend=torch.tensor([-1])) - 1
+        gap_bits += min(int((2 * torch.floor(torch.log2(gaps.double() + 2 ** k)) - k + 1).sum()) for k in range(19))
+    chunks = math.ceil(len(counts) / fmt.ENCODE_CHUNK_ROWS)
+    assert len(data) == math.ceil((int(c.fixed_bits(counts).sum()) + gap_bits) / 8) <= len(data) + chunks
+    with pytest.raises(ValueError, match="the bytes end inside the rows' id codes"):
+        fmt.decode_rows(data[:-3], counts, c)
+    with pytest.raises(ValueError, match=r"\d+ bytes for rows that decode from \d+"):
+        fmt.decode_rows(np.concatenate([data, np.zeros(2, np.uint8)]), counts, c)
 
 
 def test_byte_budget_goes_to_the_flat_rows():
     log_p, ids, values, log_tail = _peaked_rows(64, 20000, 256, seed=1)
     c = fmt.Compression.for_vocab(20000, top_k=256, min_k=4, bytes_per_token=120)
-    counts = fmt.allocate_counts(values.float(), log_tail.float(), c, 20000)
-    mean_bytes = (c.row_bytes(counts) + fmt.INDEX_BYTES).mean()
-    assert 115 < mean_bytes <= 120 and counts.min() >= 4 and counts.max() <= 256
+    counts = fmt.allocate_counts(ids, values.float(), log_tail.float(), c, 20000)
+    mean_bytes = len(fmt.encode_rows(ids, values.float(), log_tail.float(), counts, c)) / 64 + fmt.INDEX_BYTES
+    assert 118 < mean_bytes <= 120 and counts.min() >= 4 and counts.max() <= 256
     assert counts[:32].mean() > 2 * counts[32:].mean()  # the flatter rows get more ids
 
     def kl(counts):  # reconstruction KL with the tail spread evenly over the unstored ids, float64
@@ -200,11 +217,11 @@ def test_reader_errors_name_the_file(root, tmp_path):
     with pytest.raises(fmt.CaptureError, match=r"shard_00002.cap: missing capture shard"):
         reader.sample("valid", 2)
     shard = fmt.shard_path(capture, "valid", 3)
-    shard.write_bytes(b"MSTCAP01" + shard.read_bytes()[8:])  # a shard of format version 1
-    with pytest.raises(fmt.CaptureError, match=r"shard_00003.cap: capture shard format 01, this reader understands 02"):
+    shard.write_bytes(b"MSTCAP02" + shard.read_bytes()[8:])  # a shard of format version 2
+    with pytest.raises(fmt.CaptureError, match=r"shard_00003.cap: capture shard format 02, this reader understands 03"):
         reader.sample("valid", 3)
-    (capture / fmt.CAPTURE_FILE).write_text(json.dumps({**header, "version": 1}))
-    with pytest.raises(fmt.CaptureError, match="capture.json: capture format version 1, this reader understands 2"):
+    (capture / fmt.CAPTURE_FILE).write_text(json.dumps({**header, "version": 2}))
+    with pytest.raises(fmt.CaptureError, match="capture.json: capture format version 2, this reader understands 3"):
         fmt.CaptureReader(capture)
     (capture / fmt.CAPTURE_FILE).unlink()
     with pytest.raises(fmt.CaptureError, match="capture.json: no capture here"):

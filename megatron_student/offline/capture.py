@@ -183,7 +183,7 @@ def capture(args) -> dict:
             for pos, ids, logprobs, log_tail in teacher_rows(model, items, device, vocab_size, compression.top_k,
                                                              args.all_positions, tp_group):
                 # each packed sample shares its own byte budget: the rows do not depend on the micro-batch
-                count = fmt.allocate_counts(logprobs, log_tail, compression, vocab_size)
+                count = fmt.allocate_counts(ids, logprobs, log_tail, compression, vocab_size)
                 rows.append(fmt.encode_rows(ids, logprobs, log_tail, count, compression))
                 positions.append(pos)
                 counts.append(count)

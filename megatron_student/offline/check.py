@@ -82,16 +82,14 @@ def ours(samples: list, compression: fmt.Compression, vocab_size: int):
         log_tail = torch.logaddexp(log_tail.double(), torch.logsumexp(values[:, k:].double(), -1)).float() \
             if values.shape[1] > k else log_tail
         ids, values = ids[:, :k].cpu(), values[:, :k].cpu()
-        counts = fmt.allocate_counts(values, log_tail, compression, vocab_size)
+        counts = fmt.allocate_counts(ids, values, log_tail, compression, vocab_size)
         data = fmt.encode_rows(ids, values, log_tail.cpu(), counts, compression)
         nbytes += len(data) + fmt.INDEX_BYTES * len(counts)
         rows += len(counts)
-        starts = np.concatenate([[0], np.cumsum(compression.row_bytes(counts))])
-        pick = np.asarray(pick, dtype=np.int64)
-        picked = np.concatenate([data[starts[i]:starts[i + 1]] for i in pick]) if len(pick) else data[:0]
-        d_ids, d_lp, _ = fmt.decode_rows(picked, counts[pick], compression, width=k)
-        out_ids.append(d_ids)
-        out_lp.append(d_lp)
+        d_ids, d_lp, _ = fmt.decode_rows(data, counts, compression, width=k)
+        pick = torch.as_tensor(np.asarray(pick, dtype=np.int64))
+        out_ids.append(d_ids[pick])
+        out_lp.append(d_lp[pick])
     return torch.cat(out_ids), torch.cat(out_lp), nbytes / max(rows, 1)
 
 

@@ -9,22 +9,31 @@ A capture directory::
 A shard is keyed by the prepared dataset's sample indices alone, so it does not depend on the capture's or a
 training run's TP/EP/DP, micro-batch, seed or sampler order: a reader asks for (split, sample, position).
 
-Shard file (format version 2): ``MAGIC`` (8 bytes), u64 little-endian header length, the header as UTF-8 JSON,
+Shard file (format version 3): ``MAGIC`` (8 bytes), u64 little-endian header length, the header as UTF-8 JSON,
 zero padding to 8 bytes, then ``offsets`` int64 [samples + 1] (row range of each sample), ``byte_offsets`` int64
 [samples + 1] (its byte range in ``data``), ``positions`` int32 [rows] (the logits row within the sample, 0-based:
 position t holds the teacher's distribution of token t + 1), ``counts`` uint16 [rows] (ids stored in each row),
-``data`` uint8 [bytes] (the rows, each starting on a byte). The header records every length, so a truncated file
-is detected from its size.
+``data`` uint8 [bytes] (each sample's rows). The header records every length, so a truncated file is detected
+from its size; rows that do not decode to exactly their sample's bytes are reported as damage.
 
-One row (``Compression``) is a little-endian bit stream of temperature-1 log-probabilities sorted by descending
-probability, padded to a byte:
+A row (``Compression``) holds temperature-1 log-probabilities of ``n`` ids sorted by descending probability:
 
 * the tail mass ``1 − Σ_stored p`` as float32 log (−inf when the row covers the vocabulary), computed from the
   dense logits by a log-sum-exp over the other ids, not by subtraction;
 * the first ``exact_k`` log-probabilities as bf16, then the row's smallest stored one (the *floor*) as bf16;
-* the row's ``n`` token ids, ``id_bits`` bits each (18 for gpt-oss's 201,088 ids);
-* the other ``n − exact_k − 1`` log-probabilities as ``quant_bits``-bit codes on a uniform grid in log space
-  between the last exact value and the floor (the sorted order keeps them in that interval; error ≤ half a step).
+* the order k (5 bits) of the Exp-Golomb code of its id gaps, then the ``exact_k`` most probable ids,
+  ``id_bits`` bits each (18 for gpt-oss's 201,088 ids);
+* the other ``n − exact_k`` ids as a set: in increasing id order, each with a ``quant_bits``-bit code of its
+  log-probability on a uniform grid in log space between the last exact value and the floor (error ≤ half a step),
+  and the gaps between consecutive ids (id − previous − 1, the first from −1) in Exp-Golomb order k: g as the m + 1
+  bits of g + 2^k behind m − k zeros (m = ⌊log2(g + 2^k)⌋), 2m − k + 1 bits; k is the row's cheapest. A set of
+  ~100 ids of 201,088 then costs ~12–13 bits an id instead of 18 (the entropy of a random such set is ~12.4) and
+  less when the ids cluster, as a language model's likely tokens do in a BPE vocabulary.
+
+Rows are written in chunks of ``ENCODE_CHUNK_ROWS``, each chunk starting on a byte: the fixed part of every row
+(tail, exact values, floor, order, exact ids), then every row's codes, then the gaps' zero-prefixes, then their
+remaining bits, so that a chunk decodes with array operations (the prefixes end at the ones; their lengths give
+the rest).
 
 How many ids a row stores (``n`` in [``min_k``, ``top_k``]) is chosen per packed sample: with a byte budget
 (``bytes_per_token`` > 0) the sample's rows share ``bytes_per_token × rows`` bytes (the index included), and each
@@ -33,7 +42,8 @@ ids, a flat one many. ``bytes_per_token`` = 0 stores ``top_k`` ids in every row.
 
 Decoding rescales the stored probabilities so that they sum to exactly ``1 − tail``: the tail bucket is kept exact
 and the quantisation error stays among the stored ids. Decoded rows are padded to a common width with id −1 and
-log-probability −inf (``ops.losses.sparse_logit_losses`` skips those slots).
+log-probability −inf (``ops.losses.sparse_logit_losses`` skips those slots); the order of the ids within a row does
+not matter to the losses. Format 2 (18-bit ids in probability order) is refused with its version named.
 """
 
 from __future__ import annotations
@@ -51,13 +61,15 @@ import torch
 
 from ..files import sha256_file
 
-VERSION = 2
-MAGIC = b"MSTCAP02"
+VERSION = 3
+MAGIC = b"MSTCAP03"
 MAGIC_PREFIX = b"MSTCAP"
 CAPTURE_FILE = "capture.json"
 SHARD_SUFFIX = ".cap"
 INDEX_BYTES = 6  # per row: its int32 position and its uint16 count
 PAD_ID = -1
+ORDER_BITS = 5  # a row's Exp-Golomb order of its id gaps
+ENCODE_CHUNK_ROWS = 1024  # rows encoded together; each chunk starts on a byte
 
 
 class CaptureError(ValueError):
@@ -68,7 +80,7 @@ class CaptureError(ValueError):
 class Compression:
     """Knobs of the row encoding (``capture-teacher --top-k --min-k --bytes-per-token --exact-k --quant-bits``):
     at most ``top_k`` and at least ``min_k`` ids a row, ``bytes_per_token`` the average budget of a sample's rows
-    with their index (0: every row ``top_k`` ids), ``exact_k`` largest log-probs as bf16, the rest
+    with their index (0: every row ``top_k`` ids), the ``exact_k`` largest log-probs as bf16, the others
     ``quant_bits``-bit codes; ``id_bits`` = ⌈log2 vocabulary⌉."""
 
     top_k: int = 256
@@ -87,41 +99,70 @@ class Compression:
             raise ValueError(f"min-k must be in (exact-k={self.exact_k}, top-k={self.top_k}], got {self.min_k}")
         if not 1 <= self.quant_bits <= 16:
             raise ValueError(f"quant-bits must be in [1, 16], got {self.quant_bits}")
-        if not 1 <= self.id_bits <= 32:
-            raise ValueError(f"id-bits must be in [1, 32], got {self.id_bits}")
-        if self.bytes_per_token and self.bytes_per_token < self.row_bytes(self.min_k) + INDEX_BYTES:
+        if not 1 <= self.id_bits <= 30:
+            raise ValueError(f"id-bits must be in [1, 30], got {self.id_bits}")
+        smallest = (self.fixed_bits(self.min_k) + (self.min_k - self.exact_k) * self.id_bits + 7) // 8 + INDEX_BYTES
+        if self.bytes_per_token and self.bytes_per_token < smallest:
             raise ValueError(f"bytes-per-token {self.bytes_per_token} is below a row of min-k={self.min_k} ids "
-                             f"({self.row_bytes(self.min_k) + INDEX_BYTES} B with its index)")
+                             f"(~{smallest} B with its index)")
 
     @staticmethod
     def for_vocab(vocab_size: int, **knobs) -> "Compression":
         return Compression(id_bits=max(1, math.ceil(math.log2(vocab_size))), **knobs)
 
-    @property
-    def head_bits(self) -> int:
-        return 32 + 16 * self.exact_k + 16
-
-    @property
-    def id_cost_bits(self) -> int:
-        """Bits of one more stored id: the id and its code."""
-        return self.id_bits + self.quant_bits
-
-    def row_bits(self, count):
-        return self.head_bits + count * self.id_bits + (count - self.exact_k - 1) * self.quant_bits
-
-    def row_bytes(self, count):
-        return (self.row_bits(count) + 7) // 8
+    def fixed_bits(self, count):
+        """Bits of a row of ``count`` ids other than its id gaps' codes: the tail, the exact values and the floor,
+        the gaps' code order, the exact ids, a code per other id."""
+        return 32 + 16 * self.exact_k + 16 + ORDER_BITS + self.exact_k * self.id_bits + \
+            (count - self.exact_k) * self.quant_bits
 
 
-def allocate_counts(logprobs: torch.Tensor, log_tail: torch.Tensor, c: Compression, vocab_size: int) -> np.ndarray:
-    """How many ids each row of one packed sample stores: [n, top_k] log-probabilities by descending probability
-    and the log mass beyond them [n] → counts int64 [n].
+def _bit_length(x: np.ndarray) -> np.ndarray:
+    """⌊log2 x⌋ + 1 of positive ints (exact: frexp of a float64 holding an int < 2^53)."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64)
+
+
+def _by_id(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ids in increasing order and their ranks (places in the row by descending probability)."""
+    rank = np.argsort(ids, axis=1, kind="stable")
+    return np.take_along_axis(ids, rank, 1), rank
+
+
+def _gaps(ordered: np.ndarray, rank: np.ndarray, counts: np.ndarray, exact_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids a row codes by gap (ranks in [exact_k, count)), in increasing order → (which of ``ordered`` they are
+    [n, K], their gaps [n, K]: id − previous such id − 1, the first one's the id itself; 0 elsewhere)."""
+    coded = (rank >= exact_k) & (rank < counts[:, None])
+    last = np.maximum.accumulate(np.where(coded, ordered, -1), axis=1)
+    previous = np.concatenate([np.full((len(ordered), 1), -1, np.int64), last[:, :-1]], 1)
+    return coded, np.where(coded, ordered - previous - 1, 0)
+
+
+def _exp_golomb(gaps: np.ndarray, coded: np.ndarray, id_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the Exp-Golomb order with the fewest bits for its gaps and that many bits ([n] each).
+
+    Order k writes g as the m + 1 bits of v = g + 2^k (m = ⌊log2 v⌋ ≥ k) behind m − k zeros: 2m − k + 1 bits; the
+    order that suits a row's spread is searched around log2 of its mean gap."""
+    n = len(gaps)
+    guess = _bit_length(gaps.sum(1) // np.maximum(coded.sum(1), 1) + 1) - 1
+    best_k, best_bits = np.zeros(n, np.int64), np.full(n, np.iinfo(np.int64).max)
+    for shift in (-3, -2, -1, 0, 1):
+        k = np.clip(guess + shift, 0, min(id_bits, (1 << ORDER_BITS) - 1))
+        bits = np.where(coded, 2 * _bit_length(gaps + (1 << k)[:, None]) - k[:, None] - 1, 0).sum(1)
+        better = bits < best_bits
+        best_k, best_bits = np.where(better, k, best_k), np.where(better, bits, best_bits)
+    return best_k, best_bits
+
+
+def allocate_counts(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, c: Compression,
+                    vocab_size: int) -> np.ndarray:
+    """How many ids each row of one packed sample stores: [n, top_k] ids and log-probabilities by descending
+    probability and the log mass beyond them [n] → counts int64 [n].
 
     Storing the (j+1)-th id of a row lowers its reconstruction KL (the tail spread evenly over the unstored ids)
     by g_j = p_j log p_j − T_j log(T_j / (V − j)) + T_{j+1} log(T_{j+1} / (V − j − 1)), T_j the mass beyond the
     first j. With a budget, the extra ids (beyond ``min_k``) with the largest gains are kept, as many as the
-    sample's bytes allow; each row's gains are made non-increasing (a running minimum) so that the kept ids of a
-    row are its most probable ones."""
+    sample's bytes allow (found by bisection on the exact encoded size); each row's gains are made
+    non-increasing (a running minimum) so that the kept ids of a row are its most probable ones."""
     n, k = logprobs.shape
     counts = np.full(n, c.top_k, dtype=np.int64)
     if not c.bytes_per_token or n == 0:
@@ -137,12 +178,40 @@ def allocate_counts(logprobs: torch.Tensor, log_tail: torch.Tensor, c: Compressi
 
     gains = torch.where(p > 0, p * lp, 0.0) - spread(tails[:, :-1], rest[:-1]) + spread(tails[:, 1:], rest[1:])
     gains = torch.cummin(gains[:, c.min_k:], dim=-1).values
-    budget_bits = n * (c.bytes_per_token - INDEX_BYTES) * 8 - n * (c.row_bits(c.min_k) + 4)  # ≈4 bits of padding
-    extra = int(min(max(budget_bits // c.id_cost_bits, 0), gains.numel()))
-    order = np.argsort(-gains.reshape(-1).numpy(), kind="stable")[:extra]
-    counts[:] = c.min_k
-    np.add.at(counts, order // gains.shape[1], 1)
-    return counts
+    order = np.argsort(-gains.reshape(-1).numpy(), kind="stable")
+    ordered, rank = _by_id(ids.cpu().numpy().astype(np.int64))
+    budget_bits = n * (c.bytes_per_token - INDEX_BYTES) * 8
+
+    def counts_for(extra: int) -> np.ndarray:
+        chosen = np.full(n, c.min_k, dtype=np.int64)
+        np.add.at(chosen, order[:extra] // gains.shape[1], 1)
+        return chosen
+
+    def size_bits(chosen: np.ndarray) -> int:
+        coded, gaps = _gaps(ordered, rank, chosen, c.exact_k)
+        gap_bits = _exp_golomb(gaps, coded, c.id_bits)[1]
+        return int(c.fixed_bits(chosen).sum() + gap_bits.sum()) + 8 * math.ceil(n / ENCODE_CHUNK_ROWS)
+
+    # The most extra ids that fit, to within a sixteenth of an id a row: regula falsi (Illinois) on the size,
+    # which grows almost linearly with the ids kept, between low (fits) and high (does not).
+    low, high = 0, gains.numel()
+    over_low, over_high = size_bits(counts_for(low)) - budget_bits, size_bits(counts_for(high)) - budget_bits
+    if over_high <= 0 or over_low > 0:
+        return counts_for(high if over_high <= 0 else low)
+    side = 0
+    while high - low > max(1, n // 16):
+        guess = low + int((high - low) * -over_low / (over_high - over_low))
+        guess = min(max(guess, low + 1), high - 1)
+        over = size_bits(counts_for(guess)) - budget_bits
+        if over <= 0:
+            low, over_low = guess, over
+            over_high = over_high / 2 if side == -1 else over_high
+            side = -1
+        else:
+            high, over_high = guess, over
+            over_low = over_low / 2 if side == 1 else over_low
+            side = 1
+    return counts_for(low)
 
 
 def _bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -154,8 +223,14 @@ def _bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _from_bits(planes: np.ndarray, m: int, bits: int) -> np.ndarray:
+    """[n, m·bits] 0/1 → [n, m] int64, the inverse of :func:`_bits` (packed a byte at a time)."""
     n = planes.shape[0]
-    return (planes.reshape(n, m, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(-1)
+    size = next(b for b in (8, 16, 32, 64) if bits <= b)
+    planes = planes.reshape(n, m, bits)
+    if bits < size:
+        planes = np.concatenate([planes, np.zeros((n, m, size - bits), np.uint8)], -1)
+    packed = np.ascontiguousarray(np.packbits(planes, axis=-1, bitorder="little"))
+    return packed.view(f"<u{size // 8}").reshape(n, m).astype(np.int64)
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:
@@ -166,24 +241,11 @@ def _from_bf16(raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(raw.astype(np.uint16).view(np.int16)).view(torch.bfloat16).to(torch.float32)
 
 
-def _sections(c: Compression, counts: np.ndarray, width: int) -> tuple[list[int], np.ndarray]:
-    """Widths of the padded sections (head, ids, codes, byte padding) and which of their bits each row uses."""
-    counts = np.asarray(counts, dtype=np.int64)
-    widths = [c.head_bits, width * c.id_bits, (width - c.exact_k - 1) * c.quant_bits, 7]
-    used = [np.full_like(counts, c.head_bits), counts * c.id_bits, (counts - c.exact_k - 1) * c.quant_bits,
-            -c.row_bits(counts) % 8]
-    keep = np.concatenate([np.arange(w)[None, :] < u[:, None] for w, u in zip(widths, used)], axis=1)
-    return widths, keep
-
-
-ENCODE_CHUNK_ROWS = 1024
-
-
 def encode_rows(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, counts: np.ndarray,
                 c: Compression) -> np.ndarray:
     """[n, K] ids and log-probabilities sorted by descending probability, [n] log mass beyond all K, [n] ids to
-    store per row (≤ K) → the rows' bytes, concatenated (row i is ``c.row_bytes(counts[i])`` bytes). The tail of
-    a row is the mass beyond its own ``counts[i]`` ids."""
+    store per row (≤ K) → the rows' bytes (rows of ``ENCODE_CHUNK_ROWS`` each a byte-aligned block). The tail of a
+    row is the mass beyond its own ``counts[i]`` ids."""
     n, k = ids.shape
     counts = np.asarray(counts, dtype=np.int64)
     if logprobs.shape != (n, k) or log_tail.shape != (n,) or counts.shape != (n,):
@@ -192,74 +254,131 @@ def encode_rows(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tenso
     if n and not (c.exact_k < counts.min() and counts.max() <= min(k, c.top_k)):
         raise ValueError(f"row counts must be in ({c.exact_k}, {min(k, c.top_k)}], got [{counts.min()}, "
                          f"{counts.max()}]")
-    if n and int(ids.max()) >= 1 << c.id_bits:
-        raise ValueError(f"token id {int(ids.max())} does not fit in {c.id_bits} bits")
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= 1 << c.id_bits):
+        raise ValueError(f"token ids [{int(ids.min())}, {int(ids.max())}] do not fit in {c.id_bits} bits")
     return np.concatenate([_encode_chunk(ids[a:a + ENCODE_CHUNK_ROWS], logprobs[a:a + ENCODE_CHUNK_ROWS],
                                          log_tail[a:a + ENCODE_CHUNK_ROWS], counts[a:a + ENCODE_CHUNK_ROWS], c)
                            for a in range(0, n, ENCODE_CHUNK_ROWS)] or [np.zeros(0, np.uint8)])
 
 
 def _encode_chunk(ids, logprobs, log_tail, counts, c: Compression) -> np.ndarray:
-    n = ids.shape[0]
+    n, e = ids.shape[0], c.exact_k
     width = int(counts.max())
     every = logprobs.double().cpu()
     kept = torch.arange(every.shape[1]).unsqueeze(0) < torch.from_numpy(counts).unsqueeze(-1)
     # the row's own tail: the mass beyond all K plus that of the ids it does not keep
     tail = torch.logaddexp(log_tail.double().cpu(), torch.logsumexp(every.masked_fill(kept, -math.inf), -1))
-    lp, mask = every[:, :width], kept[:, :width]
-    last = torch.from_numpy(counts - 1).unsqueeze(-1)
-    anchor = lp[:, c.exact_k - 1].to(torch.bfloat16).double()
-    floor = torch.minimum(lp.gather(-1, last).squeeze(-1), anchor).to(torch.bfloat16).double()
+    lp = every[:, :width]
+    anchor = lp[:, e - 1].to(torch.bfloat16).double()
+    floor = torch.minimum(lp.gather(-1, torch.from_numpy(counts - 1).unsqueeze(-1)).squeeze(-1),
+                          anchor).to(torch.bfloat16).double()
     span = (anchor - floor).unsqueeze(-1).clamp_min(1e-30)
-    levels = (1 << c.quant_bits) - 1
-    middle = lp[:, c.exact_k:width - 1] if width > c.exact_k + 1 else lp[:, :0]
-    codes = torch.round(((anchor.unsqueeze(-1) - middle) / span).clamp(0, 1).nan_to_num(0.0) * levels)
+    codes = torch.round(((anchor.unsqueeze(-1) - lp[:, e:]) / span).clamp(0, 1).nan_to_num(0.0)
+                        * ((1 << c.quant_bits) - 1)).to(torch.int64).numpy()
+    all_ids = ids[:, :width].cpu().numpy().astype(np.int64)
+    ordered, rank = _by_id(all_ids)
+    coded, gaps = _gaps(ordered, rank, counts, e)
+    k = _exp_golomb(gaps, coded, c.id_bits)[0]
+    codes = np.take_along_axis(np.concatenate([np.zeros((n, e), np.int64), codes], 1), rank, 1)
     tail_bits = tail.float().numpy().astype("<f4").view("<u4").astype(np.int64)
-    head = np.concatenate([_bits(tail_bits[:, None], 32), _bits(_bf16_bits(lp[:, :c.exact_k].float()), 16),
-                           _bits(_bf16_bits(floor.float())[:, None], 16)], axis=1)
-    id_part = torch.where(mask, ids[:, :width].cpu(), 0).numpy()
-    widths, keep = _sections(c, counts, width)
-    full = np.concatenate([head, _bits(id_part, c.id_bits), _bits(codes.to(torch.int64).numpy(), c.quant_bits),
-                           np.zeros((n, 7), np.uint8)], axis=1)
-    return np.packbits(full[keep], bitorder="little")
+    heads = np.concatenate([_bits(tail_bits[:, None], 32), _bits(_bf16_bits(lp[:, :e].float()), 16),
+                            _bits(_bf16_bits(floor.float())[:, None], 16), _bits(k[:, None], ORDER_BITS),
+                            _bits(all_ids[:, :e], c.id_bits)], axis=1)
+    # then the other ids' codes, row after row, and their gaps: each m − k zeros and a one (the prefixes), then
+    # each v's low m bits (the mantissas)
+    codes = _bits(codes[coded][:, None], c.quant_bits)
+    row_k = np.repeat(k, counts - e)
+    values = gaps[coded] + (1 << row_k)
+    m = _bit_length(values) - 1
+    prefixes = np.zeros(int((m - row_k + 1).sum()), np.uint8)
+    prefixes[np.cumsum(m - row_k + 1) - 1] = 1
+    mantissas = _bits(values[:, None], c.id_bits + 1)[np.arange(c.id_bits + 1)[None, :] < m[:, None]]
+    return np.packbits(np.concatenate([heads.reshape(-1), codes.reshape(-1), prefixes, mantissas]),
+                       bitorder="little")
 
 
 def decode_rows(data: np.ndarray, counts: np.ndarray, c: Compression,
                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bytes of consecutive rows and their counts → (ids int64 [n, width], log-probabilities float32 [n, width]
-    rescaled to sum 1 − tail, log tail mass float32 [n]); ``width`` defaults to the largest count, slots beyond a
-    row's count hold id −1 and log-probability −inf."""
+    """The bytes of consecutive rows (one ``encode_rows`` output) and their counts → (ids int64 [n, width],
+    log-probabilities float32 [n, width] rescaled to sum 1 − tail, log tail mass float32 [n]); ``width`` defaults
+    to the largest count. A row holds its ``exact_k`` most probable ids first, then its others in increasing id
+    order; slots beyond a row's count hold id −1 and log-probability −inf. Bytes that do not decode to exactly
+    these rows raise ValueError."""
     counts = np.asarray(counts, dtype=np.int64)
+    data = np.asarray(data, dtype=np.uint8)
     n = len(counts)
     width = int(counts.max(initial=c.exact_k + 1)) if width is None else width
-    nbytes = int(c.row_bytes(counts).sum())
-    if np.asarray(data).shape != (nbytes,):
-        raise ValueError(f"{np.asarray(data).shape} bytes for rows of {nbytes}")
     if n and not (c.exact_k < counts.min() and counts.max() <= width):
         raise ValueError(f"row counts must be in ({c.exact_k}, {width}], got [{counts.min()}, {counts.max()}]")
-    widths, keep = _sections(c, counts, width)
-    full = np.zeros(keep.shape, np.uint8)
-    full[keep] = np.unpackbits(np.asarray(data, dtype=np.uint8), bitorder="little")
-    head, id_part, code_part, _ = np.split(full, np.cumsum(widths)[:-1], axis=1)
-    log_tail = torch.from_numpy(_from_bits(head[:, :32], 1, 32)[:, 0].astype("<u4").view("<f4").astype(np.float32))
-    exact = _from_bf16(_from_bits(head[:, 32:32 + 16 * c.exact_k], c.exact_k, 16))
-    floor = _from_bf16(_from_bits(head[:, 32 + 16 * c.exact_k:], 1, 16))[:, 0]
-    ids = torch.from_numpy(_from_bits(id_part, width, c.id_bits))
-    codes = torch.from_numpy(_from_bits(code_part, width - c.exact_k - 1, c.quant_bits)).float()
-    anchor = exact[:, -1]
-    middle = anchor.unsqueeze(-1) - (anchor - floor).unsqueeze(-1) * codes / ((1 << c.quant_bits) - 1)
-    logprobs = torch.cat([exact, middle, floor.unsqueeze(-1)], dim=1)
-    # the floor belongs at each row's last slot, which the fixed-width layout put at the end
-    last = torch.from_numpy(counts - 1)
-    rows = torch.arange(n)
-    logprobs[rows, last] = floor
-    valid = torch.arange(width).unsqueeze(0) < last.unsqueeze(-1) + 1
-    logprobs = logprobs.masked_fill(~valid, -math.inf)
-    ids = ids.masked_fill(~valid, PAD_ID)
+    bits = np.unpackbits(data, bitorder="little")
+    ids = torch.full((n, width), PAD_ID, dtype=torch.int64)
+    logprobs = torch.full((n, width), -math.inf, dtype=torch.float32)
+    log_tail = torch.zeros(n, dtype=torch.float32)
+    at = 0
+    for a in range(0, n, ENCODE_CHUNK_ROWS):
+        rows = slice(a, a + ENCODE_CHUNK_ROWS)
+        at = _decode_chunk(bits, at, counts[rows], c, ids[rows], logprobs[rows], log_tail[rows])
+    if at != len(data):
+        raise ValueError(f"{len(data)} bytes for rows that decode from {at}")
     # Keep the tail exact: the stored probabilities carry exactly 1 − tail.
     head_mass = torch.log(-torch.expm1(log_tail.double())).float()  # log(1 − tail)
     logprobs = logprobs - torch.logsumexp(logprobs, -1, keepdim=True) + head_mass.unsqueeze(-1)
     return ids, logprobs, log_tail
+
+
+def _decode_chunk(bits: np.ndarray, start_byte: int, counts: np.ndarray, c: Compression, ids: torch.Tensor,
+                  logprobs: torch.Tensor, log_tail: torch.Tensor) -> int:
+    """Decode the chunk of rows at byte ``start_byte`` into the given views; returns the byte after it."""
+    n, e = len(counts), c.exact_k
+    head_bits, rest = c.fixed_bits(e), counts - e
+    total = int(rest.sum())
+    start = 8 * start_byte
+    fixed_end = start + n * head_bits + total * c.quant_bits
+    if fixed_end > len(bits):
+        raise ValueError(f"the bytes end inside the rows' fixed fields (byte {start_byte})")
+    head = bits[start:start + n * head_bits].reshape(n, head_bits)
+    fields = np.split(head, np.cumsum([32, 16 * e, 16, ORDER_BITS]), axis=1)
+    log_tail[:] = torch.from_numpy(_from_bits(fields[0], 1, 32)[:, 0].astype("<u4").view("<f4").astype(np.float32))
+    exact = _from_bf16(_from_bits(fields[1], e, 16)).numpy()
+    floor = _from_bf16(_from_bits(fields[2], 1, 16)).numpy()
+    k = _from_bits(fields[3], 1, ORDER_BITS)[:, 0]
+    exact_ids = _from_bits(fields[4], e, c.id_bits)
+    codes = _from_bits(bits[start + n * head_bits:fixed_end].reshape(1, -1), total, c.quant_bits)[0]
+    # the gaps: a prefix of m − k zeros ends at each one; the mantissas follow the last prefix
+    window = bits[fixed_end:fixed_end + total * (c.id_bits + 2)]
+    ones = np.flatnonzero(window)[:total]
+    if len(ones) < total:
+        raise ValueError(f"the bytes end inside the rows' id codes (byte {start_byte})")
+    row_k = np.repeat(k, rest)
+    m = np.diff(ones, prepend=-1) - 1 + row_k
+    if total and m.max() > c.id_bits:
+        raise ValueError(f"an id code longer than {c.id_bits} bits (byte {start_byte}): damaged data")
+    mantissa_start = fixed_end + (int(ones[-1]) + 1 if total else 0)
+    end = mantissa_start + int(m.sum())
+    if end > len(bits):
+        raise ValueError(f"the bytes end inside the rows' id codes (byte {start_byte})")
+    # each mantissa bit weighs 2^(its place in its code): one pass over the stream
+    code = np.repeat(np.arange(total), m)
+    place = np.arange(len(code)) - np.repeat(np.cumsum(m) - m, m)
+    low = np.bincount(code, weights=bits[mantissa_start:end].astype(np.float64) * np.exp2(place), minlength=total)
+    gaps = low.astype(np.int64) + (1 << m) - (1 << row_k)
+    steps = np.cumsum(gaps + 1)
+    first = np.concatenate([[0], np.cumsum(rest)[:-1]])
+    before = np.where(first > 0, steps[np.maximum(first - 1, 0)], 0)
+    middle_ids = steps - 1 - np.repeat(before, rest)
+    if total and middle_ids.max() >= 1 << c.id_bits:
+        raise ValueError(f"an id beyond {c.id_bits} bits (byte {start_byte}): damaged data")
+    slots = np.arange(ids.shape[1] - e)[None, :] < rest[:, None]
+    anchor = np.repeat(exact[:, -1], rest)
+    middle = anchor - (anchor - np.repeat(floor[:, 0], rest)) * codes.astype(np.float32) / ((1 << c.quant_bits) - 1)
+    out_ids = np.full(ids.shape, PAD_ID, np.int64)
+    out_lp = np.full(ids.shape, -np.inf, np.float32)
+    out_ids[:, :e], out_lp[:, :e] = exact_ids, exact
+    out_ids[:, e:][slots] = middle_ids
+    out_lp[:, e:][slots] = middle
+    ids.copy_(torch.from_numpy(out_ids))
+    logprobs.copy_(torch.from_numpy(out_lp))
+    return (end + 7) // 8
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,11 +479,16 @@ class Shard:
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         x, y = int(self.byte_offsets[i]), int(self.byte_offsets[i + 1])
-        counts = np.array(self.counts[a:b], dtype=np.int64)
-        if y - x != int(self.compression.row_bytes(counts).sum()):
-            raise CaptureError(f"{self.path}: sample {i} has {y - x} bytes for rows of "
-                               f"{int(self.compression.row_bytes(counts).sum())}; the file is damaged")
-        return np.array(self.positions[a:b]), counts, np.array(self.data[x:y])
+        return np.array(self.positions[a:b]), np.array(self.counts[a:b], dtype=np.int64), np.array(self.data[x:y])
+
+    def decode(self, i: int, width: int | None = None):
+        """(positions, ``decode_rows`` of the rows) of the shard's i-th sample; rows that do not decode are an
+        error naming the file."""
+        positions, counts, data = self.sample(i)
+        try:
+            return positions, decode_rows(data, counts, self.compression, width)
+        except ValueError as e:
+            raise CaptureError(f"{self.path}: sample {i} does not decode ({e}); the file is damaged") from e
 
 
 class CaptureReader:
@@ -420,9 +544,7 @@ class CaptureReader:
         if total is None or not 0 <= sample < total:
             raise CaptureError(f"{self.root / CAPTURE_FILE}: no sample {sample} of split {split!r} "
                                f"({total or 0} captured)")
-        shard = self.shard(split, sample // self.samples_per_shard)
-        positions, counts, data = shard.sample(sample % self.samples_per_shard)
-        return positions, decode_rows(data, counts, self.compression, width)
+        return self.shard(split, sample // self.samples_per_shard).decode(sample % self.samples_per_shard, width)
 
     def rows_at(self, split: str, sample: int, positions: np.ndarray, width: int | None = None):
         """Decoded rows of ``positions`` of one sample; a position that was not captured is an error."""
