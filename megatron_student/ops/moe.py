@@ -105,6 +105,27 @@ def _grouped_mm(rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
     return _GROUPED_MM(rows, weight, offs=group_ends)
 
 
+class _AddExpertBias(torch.autograd.Function):
+    """rows + bias[row_expert]. Its bias gradient sums each expert's rows in fp32: autograd's own backward of the
+    gather accumulates the rows one by one in the bias dtype, a few percent off in bf16 for the ~10³ rows of an
+    expert (the per-expert linear's bias gradient is one fp32-accumulated sum)."""
+
+    @staticmethod
+    def forward(ctx, rows, bias, row_expert):
+        ctx.save_for_backward(row_expert)
+        ctx.rows_dtype, ctx.bias_dtype, ctx.bias_shape = rows.dtype, bias.dtype, bias.shape
+        return rows + bias[row_expert]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_expert,) = ctx.saved_tensors
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.new_zeros(ctx.bias_shape, dtype=torch.float32).index_add_(0, row_expert, grad.float())
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad.to(ctx.rows_dtype), grad_bias, None
+
+
 def expert_mlp_grouped(
     rows: torch.Tensor,
     group_ends: torch.Tensor,
@@ -121,8 +142,8 @@ def expert_mlp_grouped(
     row_weights [M] its routing weight. Weights as right-hand matrices: gate_up [E, H, 2I], down [E, I, H] (any
     memory order, e.g. a transposed view of [E, out, in]); biases [E, 2I], [E, H]. Returns
     weight·(activation(rows·gate_up + b₁)·down + b₂) in the rows' dtype."""
-    hidden = _grouped_mm(rows, gate_up, group_ends) + gate_up_bias[row_expert]
-    out = _grouped_mm(activation(hidden).to(rows.dtype), down, group_ends) + down_bias[row_expert]
+    hidden = _AddExpertBias.apply(_grouped_mm(rows, gate_up, group_ends), gate_up_bias, row_expert)
+    out = _AddExpertBias.apply(_grouped_mm(activation(hidden).to(rows.dtype), down, group_ends), down_bias, row_expert)
     return (out * row_weights[:, None]).to(rows.dtype)
 
 
