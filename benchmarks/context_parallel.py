@@ -152,7 +152,10 @@ def _compare(reference: dict, split: dict, group) -> dict:
     for position, row in split["_logits"].items():
         ref = reference["_logits"][position]
         diff += torch.stack([(row - ref).double().pow(2).sum(), ref.double().pow(2).sum()])
+    if torch.cuda.is_available():  # NCCL reduces device tensors only
+        diff = diff.cuda()
     dist.all_reduce(diff, group=group)
+    diff = diff.cpu()
     grad = torch.zeros(2, dtype=torch.float64)
     for a, b in zip(split["_grads"], reference["_grads"]):
         grad += torch.stack([(a - b).double().pow(2).sum(), b.double().pow(2).sum()])

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..kernels import use_fixed_configs
-from .kda import causal_short_conv, kda_gate, kda_reference
+from .kda import beta_from_logits, causal_short_conv, kda_gate, kda_reference
 from .rope import token_positions
 
 __all__ = [
@@ -325,7 +325,7 @@ def kda_from_logits_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.
     cp.check_local(q, "kda_from_logits_context_parallel")
     if not q.is_cuda or q.dtype == torch.float64:
         g = kda_gate(f, A_log, dt_bias, lower_bound=lower_bound)
-        beta = torch.sigmoid(beta_logits.float()).to(q.dtype)
+        beta = beta_from_logits(beta_logits, q.dtype)
         return kda_context_parallel(q, k, v, g, beta, cp, scale=scale)
     use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
     from fla.ops.kda import chunk_kda

@@ -540,6 +540,12 @@ def kda(
     return o.to(q.dtype), final_state
 
 
+def beta_from_logits(beta_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """β = σ(logits) in the accumulation dtype (float64 stays float64: the CPU and CUDA float64 paths must not
+    meet at a float32 rounding, whose last bit differs between devices), returned in ``dtype``."""
+    return torch.sigmoid(beta_logits.to(accumulation_dtype(beta_logits))).to(dtype)
+
+
 def kda_from_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -564,9 +570,9 @@ def kda_from_logits(
     if beta_logits.shape != (B, T, HV):
         raise ValueError(f"kda_from_logits: beta_logits must be [B, T, HV]=[{B}, {T}, {HV}], got {list(beta_logits.shape)}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, f, beta_logits, A_log, dt_bias))
-    if not (q.is_cuda and (needs_grad or T > DECODE_MAX_TOKENS)):
+    if not (q.is_cuda and q.dtype != torch.float64 and (needs_grad or T > DECODE_MAX_TOKENS)):
         g = kda_gate(f, A_log, dt_bias, lower_bound=lower_bound)
-        return kda(q, k, v, g, torch.sigmoid(beta_logits.float()).to(q.dtype), scale=scale,
+        return kda(q, k, v, g, beta_from_logits(beta_logits, q.dtype), scale=scale,
                    initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     K = q.shape[-1]
     if f.shape != (B, T, HV * K):
