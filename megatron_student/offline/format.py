@@ -161,7 +161,7 @@ def allocate_counts(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.T
     Storing the (j+1)-th id of a row lowers its reconstruction KL (the tail spread evenly over the unstored ids)
     by g_j = p_j log p_j − T_j log(T_j / (V − j)) + T_{j+1} log(T_{j+1} / (V − j − 1)), T_j the mass beyond the
     first j. With a budget, the extra ids (beyond ``min_k``) with the largest gains are kept, as many as the
-    sample's bytes allow (found by bisection on the exact encoded size); each row's gains are made
+    sample's bytes allow (found by regula falsi on the exact encoded size); each row's gains are made
     non-increasing (a running minimum) so that the kept ids of a row are its most probable ones."""
     n, k = logprobs.shape
     counts = np.full(n, c.top_k, dtype=np.int64)
