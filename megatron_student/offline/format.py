@@ -140,13 +140,21 @@ def _gaps(ordered: np.ndarray, rank: np.ndarray, counts: np.ndarray, exact_k: in
 def _exp_golomb(gaps: np.ndarray, coded: np.ndarray, id_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row the Exp-Golomb order with the fewest bits for its gaps and that many bits ([n] each).
 
-    Order k writes g as the m + 1 bits of v = g + 2^k (m = ⌊log2 v⌋ ≥ k) behind m − k zeros: 2m − k + 1 bits; the
-    order that suits a row's spread is searched around log2 of its mean gap."""
-    n = len(gaps)
-    guess = _bit_length(gaps.sum(1) // np.maximum(coded.sum(1), 1) + 1) - 1
+    Order k writes g as the m + 1 bits of v = g + 2^k (m = ⌊log2 v⌋ ≥ k) behind m − k zeros: 2m − k + 1 bits, k + 1
+    for g < 2^k. A histogram of the gaps' bit lengths b prices every order at once (2b − k − 1 for g ≥ 2^k, off by
+    at most 2 bits a gap); the exact sizes then decide between the best such order and its neighbours. A language
+    model's ids cluster, so the best order is well below log2 of the mean gap."""
+    n, width = len(gaps), id_bits + 2
+    lengths = _bit_length(gaps)  # 0 for g = 0
+    hist = np.bincount((np.arange(n)[:, None] * width + lengths)[coded], minlength=n * width).reshape(n, width)
+    orders = np.arange(min(id_bits, (1 << ORDER_BITS) - 1) + 1)
+    short = np.cumsum(hist, 1)[:, orders]  # gaps below 2^k
+    long_bits = (hist * np.arange(width)).sum(1, keepdims=True) - np.cumsum(hist * np.arange(width), 1)[:, orders]
+    priced = (orders + 1) * short + 2 * long_bits - (orders + 1) * (hist.sum(1, keepdims=True) - short)
+    guess = priced.argmin(1)
     best_k, best_bits = np.zeros(n, np.int64), np.full(n, np.iinfo(np.int64).max)
-    for shift in (-3, -2, -1, 0, 1):
-        k = np.clip(guess + shift, 0, min(id_bits, (1 << ORDER_BITS) - 1))
+    for shift in (-1, 0, 1):
+        k = np.clip(guess + shift, 0, orders[-1])
         bits = np.where(coded, 2 * _bit_length(gaps + (1 << k)[:, None]) - k[:, None] - 1, 0).sum(1)
         better = bits < best_bits
         best_k, best_bits = np.where(better, k, best_k), np.where(better, bits, best_bits)
