@@ -20,7 +20,7 @@ attention/KDA FLOPs are left out), against ``--peak-tflops``.
     python benchmarks/stage_b_slice.py --output runs/stage_b_slice [--layers 4 --experts 8 --steps 50]
     # offline vs online stage-B step at 20b width on one H200, < 6 min:
     python benchmarks/stage_b_slice.py --output runs/offline_vs_online --teachers online offline --layers 2 \
-        --experts 4 --steps 12 --conversations 600 --peak-tflops 989
+        --experts 4 --steps 12 --conversations 1200 --peak-tflops 989
     # the same on CPU at a tiny width (a smoke test of the script, minutes):
     python benchmarks/stage_b_slice.py --output /tmp/offline_vs_online --teachers online offline --tiny
 """

@@ -220,6 +220,12 @@ def test_reader_errors_name_the_file(root, tmp_path):
     shard.write_bytes(b"MSTCAP02" + shard.read_bytes()[8:])  # a shard of format version 2
     with pytest.raises(fmt.CaptureError, match=r"shard_00003.cap: capture shard format 02, this reader understands 03"):
         reader.sample("valid", 3)
+    shard = fmt.shard_path(capture, "valid", 4)
+    raw = bytearray(shard.read_bytes())
+    raw[-fmt.Shard(shard).header["bytes"]:] = bytes(fmt.Shard(shard).header["bytes"])  # rows zeroed, size kept
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(fmt.CaptureError, match=r"shard_00004.cap: sample 0 does not decode \(.*\); the file is damaged"):
+        reader.sample("valid", 4)
     (capture / fmt.CAPTURE_FILE).write_text(json.dumps({**header, "version": 2}))
     with pytest.raises(fmt.CaptureError, match="capture.json: capture format version 2, this reader understands 3"):
         fmt.CaptureReader(capture)

@@ -140,13 +140,21 @@ def _gaps(ordered: np.ndarray, rank: np.ndarray, counts: np.ndarray, exact_k: in
 def _exp_golomb(gaps: np.ndarray, coded: np.ndarray, id_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row the Exp-Golomb order with the fewest bits for its gaps and that many bits ([n] each).
 
-    Order k writes g as the m + 1 bits of v = g + 2^k (m = ⌊log2 v⌋ ≥ k) behind m − k zeros: 2m − k + 1 bits; the
-    order that suits a row's spread is searched around log2 of its mean gap."""
-    n = len(gaps)
-    guess = _bit_length(gaps.sum(1) // np.maximum(coded.sum(1), 1) + 1) - 1
+    Order k writes g as the m + 1 bits of v = g + 2^k (m = ⌊log2 v⌋ ≥ k) behind m − k zeros: 2m − k + 1 bits, k + 1
+    for g < 2^k. A histogram of the gaps' bit lengths b prices every order at once (2b − k − 1 for g ≥ 2^k, off by
+    at most 2 bits a gap); the exact sizes then decide between the best such order and its neighbours. A language
+    model's ids cluster, so the best order is well below log2 of the mean gap."""
+    n, width = len(gaps), id_bits + 2
+    lengths = _bit_length(gaps)  # 0 for g = 0
+    hist = np.bincount((np.arange(n)[:, None] * width + lengths)[coded], minlength=n * width).reshape(n, width)
+    orders = np.arange(min(id_bits, (1 << ORDER_BITS) - 1) + 1)
+    short = np.cumsum(hist, 1)[:, orders]  # gaps below 2^k
+    long_bits = (hist * np.arange(width)).sum(1, keepdims=True) - np.cumsum(hist * np.arange(width), 1)[:, orders]
+    priced = (orders + 1) * short + 2 * long_bits - (orders + 1) * (hist.sum(1, keepdims=True) - short)
+    guess = priced.argmin(1)
     best_k, best_bits = np.zeros(n, np.int64), np.full(n, np.iinfo(np.int64).max)
-    for shift in (-3, -2, -1, 0, 1):
-        k = np.clip(guess + shift, 0, min(id_bits, (1 << ORDER_BITS) - 1))
+    for shift in (-1, 0, 1):
+        k = np.clip(guess + shift, 0, orders[-1])
         bits = np.where(coded, 2 * _bit_length(gaps + (1 << k)[:, None]) - k[:, None] - 1, 0).sum(1)
         better = bits < best_bits
         best_k, best_bits = np.where(better, k, best_k), np.where(better, bits, best_bits)
@@ -161,7 +169,7 @@ def allocate_counts(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.T
     Storing the (j+1)-th id of a row lowers its reconstruction KL (the tail spread evenly over the unstored ids)
     by g_j = p_j log p_j − T_j log(T_j / (V − j)) + T_{j+1} log(T_{j+1} / (V − j − 1)), T_j the mass beyond the
     first j. With a budget, the extra ids (beyond ``min_k``) with the largest gains are kept, as many as the
-    sample's bytes allow (found by bisection on the exact encoded size); each row's gains are made
+    sample's bytes allow (found by regula falsi on the exact encoded size); each row's gains are made
     non-increasing (a running minimum) so that the kept ids of a row are its most probable ones."""
     n, k = logprobs.shape
     counts = np.full(n, c.top_k, dtype=np.int64)
@@ -311,24 +319,25 @@ def decode_rows(data: np.ndarray, counts: np.ndarray, c: Compression,
     if n and not (c.exact_k < counts.min() and counts.max() <= width):
         raise ValueError(f"row counts must be in ({c.exact_k}, {width}], got [{counts.min()}, {counts.max()}]")
     bits = np.unpackbits(data, bitorder="little")
-    ids = torch.full((n, width), PAD_ID, dtype=torch.int64)
-    logprobs = torch.full((n, width), -math.inf, dtype=torch.float32)
-    log_tail = torch.zeros(n, dtype=torch.float32)
+    ids = np.full((n, width), PAD_ID, np.int64)
+    logprobs = np.full((n, width), -np.inf, np.float32)
+    log_tail = np.zeros(n, np.float32)
     at = 0
     for a in range(0, n, ENCODE_CHUNK_ROWS):
         rows = slice(a, a + ENCODE_CHUNK_ROWS)
         at = _decode_chunk(bits, at, counts[rows], c, ids[rows], logprobs[rows], log_tail[rows])
     if at != len(data):
         raise ValueError(f"{len(data)} bytes for rows that decode from {at}")
+    ids, logprobs, log_tail = torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(log_tail)
     # Keep the tail exact: the stored probabilities carry exactly 1 − tail.
     head_mass = torch.log(-torch.expm1(log_tail.double())).float()  # log(1 − tail)
     logprobs = logprobs - torch.logsumexp(logprobs, -1, keepdim=True) + head_mass.unsqueeze(-1)
     return ids, logprobs, log_tail
 
 
-def _decode_chunk(bits: np.ndarray, start_byte: int, counts: np.ndarray, c: Compression, ids: torch.Tensor,
-                  logprobs: torch.Tensor, log_tail: torch.Tensor) -> int:
-    """Decode the chunk of rows at byte ``start_byte`` into the given views; returns the byte after it."""
+def _decode_chunk(bits: np.ndarray, start_byte: int, counts: np.ndarray, c: Compression, ids: np.ndarray,
+                  logprobs: np.ndarray, log_tail: np.ndarray) -> int:
+    """Decode the chunk of rows at byte ``start_byte`` into the given (padded) views; returns the byte after it."""
     n, e = len(counts), c.exact_k
     head_bits, rest = c.fixed_bits(e), counts - e
     total = int(rest.sum())
@@ -338,15 +347,17 @@ def _decode_chunk(bits: np.ndarray, start_byte: int, counts: np.ndarray, c: Comp
         raise ValueError(f"the bytes end inside the rows' fixed fields (byte {start_byte})")
     head = bits[start:start + n * head_bits].reshape(n, head_bits)
     fields = np.split(head, np.cumsum([32, 16 * e, 16, ORDER_BITS]), axis=1)
-    log_tail[:] = torch.from_numpy(_from_bits(fields[0], 1, 32)[:, 0].astype("<u4").view("<f4").astype(np.float32))
+    log_tail[:] = _from_bits(fields[0], 1, 32)[:, 0].astype("<u4").view("<f4")
     exact = _from_bf16(_from_bits(fields[1], e, 16)).numpy()
     floor = _from_bf16(_from_bits(fields[2], 1, 16)).numpy()
     k = _from_bits(fields[3], 1, ORDER_BITS)[:, 0]
     exact_ids = _from_bits(fields[4], e, c.id_bits)
     codes = _from_bits(bits[start + n * head_bits:fixed_end].reshape(1, -1), total, c.quant_bits)[0]
     # the gaps: a prefix of m − k zeros ends at each one; the mantissas follow the last prefix
-    window = bits[fixed_end:fixed_end + total * (c.id_bits + 2)]
-    ones = np.flatnonzero(window)[:total]
+    reach = 4 * total  # prefixes are a few bits each: look that far first, then as far as they can go
+    ones = np.flatnonzero(bits[fixed_end:fixed_end + reach])[:total]
+    if len(ones) < total:
+        ones = np.flatnonzero(bits[fixed_end:fixed_end + total * (c.id_bits + 1)])[:total]
     if len(ones) < total:
         raise ValueError(f"the bytes end inside the rows' id codes (byte {start_byte})")
     row_k = np.repeat(k, rest)
@@ -371,13 +382,9 @@ def _decode_chunk(bits: np.ndarray, start_byte: int, counts: np.ndarray, c: Comp
     slots = np.arange(ids.shape[1] - e)[None, :] < rest[:, None]
     anchor = np.repeat(exact[:, -1], rest)
     middle = anchor - (anchor - np.repeat(floor[:, 0], rest)) * codes.astype(np.float32) / ((1 << c.quant_bits) - 1)
-    out_ids = np.full(ids.shape, PAD_ID, np.int64)
-    out_lp = np.full(ids.shape, -np.inf, np.float32)
-    out_ids[:, :e], out_lp[:, :e] = exact_ids, exact
-    out_ids[:, e:][slots] = middle_ids
-    out_lp[:, e:][slots] = middle
-    ids.copy_(torch.from_numpy(out_ids))
-    logprobs.copy_(torch.from_numpy(out_lp))
+    ids[:, :e], logprobs[:, :e] = exact_ids, exact
+    ids[:, e:][slots] = middle_ids
+    logprobs[:, e:][slots] = middle
     return (end + 7) // 8
 
 
