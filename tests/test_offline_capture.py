@@ -289,8 +289,11 @@ def test_training_start_checks_and_micro_batch_rows(root, tmp_path):
 
 @pytest.mark.gpu
 def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root, tmp_path):
-    """The random teacher's near-flat rows flip top-1 under any bf16 noise (0.94 measured on H200 against its own
-    bf16 forward in check-capture's batching): a teacher with a sharpened unembedding has margins bf16 keeps."""
+    """Capture in bf16 on the GPU, checked against a fresh bf16 forward in check-capture's batching. Two bf16
+    forwards of the same model in different batches round differently, and a random teacher has near-ties: its
+    top-1 flips on a few rows whatever the format (H200: 0.94 unsharpened; 249/256 = 0.973 with the unembedding ×12,
+    in two runs). The bound 0.95 still catches any misplaced row or id (top-1 near 0); the fidelity claim
+    is the KL against a fresh compression of the same dense rows, below."""
     make_tiny_teacher(tmp_path / "teacher", layers=2, dtype="fp32", seed=3)
     weights = load_file(tmp_path / "teacher" / "model.safetensors")
     weights["lm_head.weight"] = weights["lm_head.weight"] * 12.0
@@ -307,9 +310,7 @@ def test_capture_on_gpu_in_bf16_matches_the_dense_teacher(root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((report / "fidelity.json").read_text())["settings"]
     stored = next(v for name, v in table.items() if name.startswith("capture"))
-    # captured in bf16 and checked against the same bf16 teacher on the GPU: the stored rows are what the dense
-    # forward gives
-    assert stored["top1"] > 0.99 and stored["tail_abs_error"] < 1e-3
+    assert stored["top1"] > 0.95 and stored["tail_abs_error"] < 1e-3
     fresh = table["ours 48 B budget"]
     assert abs(stored["kl_mean"] - fresh["kl_mean"]) <= 0.05 * fresh["kl_mean"]
 
