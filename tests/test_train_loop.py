@@ -181,3 +181,21 @@ def test_micro_batches_name_the_samples_they_hold(setup):
     batches = list(eval_micro_batches(config, 0, 2, torch.device("cpu")))
     assert batches and all(mb.split == "valid" and len(mb.samples) == 2 for mb in batches)
     assert torch.equal(batches[0].tokens[0], torch.cat([valid[i]["input_ids"] for i in batches[0].samples]))
+
+
+def test_upcoming_samples_are_the_samples_drawn_next_across_epochs(setup):
+    """What the offline teacher's reader thread decodes ahead is exactly what the stream draws next, also across an
+    epoch boundary and after a resume, and peeking draws nothing."""
+    config = make_config(setup, "upcoming", ["data.micro_batch=3", "data.global_batch=3"])
+    stream, _ = train_stream(config, 0, 1, torch.device("cpu"))
+    epoch_length = len(stream.sampler)
+    for _ in range(2 * epoch_length // 3 + 1):
+        ahead = stream.upcoming_samples(2)
+        assert stream.upcoming_samples(2) == ahead
+        assert [list(stream.next_micro_batch().samples) for _ in range(2)] == ahead
+    state = stream.state_dict()
+    ahead = stream.upcoming_samples(3)
+    resumed, _ = train_stream(config, 0, 1, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    assert resumed.upcoming_samples(3) == ahead
+    assert [list(resumed.next_micro_batch().samples) for _ in range(3)] == ahead

@@ -584,14 +584,19 @@ class CaptureReader:
             at = torch.from_numpy(positions.astype(np.int64)) + b * seq_len
             ids[at], logprobs[at], log_tail[at], stored[at] = i, lp, t, True
         if required is not None:
-            missing = (required.reshape(-1).cpu() & ~stored).nonzero().squeeze(-1)
-            if len(missing):
-                b, pos = divmod(int(missing[0]), seq_len)
-                sample = int(samples[b])
-                raise CaptureError(f"{shard_path(self.root, split, sample // self.samples_per_shard)}: sample "
-                                   f"{sample} has no row for trained position {pos} ({len(missing)} missing in "
-                                   "this micro-batch); the capture stored other positions (--all-positions?)")
+            self.check_required(split, samples, seq_len, stored, required)
         return ids, logprobs, log_tail, stored
+
+    def check_required(self, split: str, samples, seq_len: int, stored: torch.Tensor, required: torch.Tensor) -> None:
+        """A ``required`` position of the micro-batch (see :meth:`micro_batch`) that is not ``stored`` is an error
+        naming the shard."""
+        missing = (required.reshape(-1).cpu() & ~stored).nonzero().squeeze(-1)
+        if len(missing):
+            b, pos = divmod(int(missing[0]), seq_len)
+            sample = int(samples[b])
+            raise CaptureError(f"{shard_path(self.root, split, sample // self.samples_per_shard)}: sample "
+                               f"{sample} has no row for trained position {pos} ({len(missing)} missing in "
+                               "this micro-batch); the capture stored other positions (--all-positions?)")
 
 
 def header_dict(compression: Compression, **fields) -> dict:

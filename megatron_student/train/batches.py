@@ -116,6 +116,22 @@ class BatchStream:
                 self._iter = None
         return samples
 
+    def upcoming_samples(self, micro_batches: int) -> list[list[int]]:
+        """The samples of the next ``micro_batches`` micro-batches, without drawing them (for prefetching)."""
+        epoch, position = self.sampler.epoch, self.sampler.position
+        order = self.sampler.epoch_order(epoch)
+        out = []
+        for _ in range(micro_batches):
+            samples = []
+            while len(samples) < self.micro_batch:
+                if position >= len(order):
+                    epoch, position = epoch + 1, 0
+                    order = self.sampler.epoch_order(epoch)
+                samples.append(int(order[position]))
+                position += 1
+            out.append(samples)
+        return out
+
     def next_micro_batch(self) -> MicroBatch:
         return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk)
 

@@ -286,6 +286,7 @@ class Trainer:
         step time spans CUDA events on GPU (host clock on CPU)."""
         cfg = self.config
         clock = StepClock(self.device)
+        self._prefetch_teachers()  # started at the end of the previous step, unless an evaluation or resume came between
         batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
         normaliser = global_normaliser([mb.weights for mb in batches], mode=cfg.losses.normaliser,
                                        group=self.dp_cp_group, dp_grad_average=True)
@@ -333,6 +334,7 @@ class Trainer:
         else:
             self.consecutive_bad = 0
             self.optimizer.step(lr, grad_norm)
+        self._prefetch_teachers()  # the next step's teacher rows are read while the GPU finishes this one
         self.tokens_seen += int(tokens[0])
         elapsed = clock.seconds()
         total = sum(w * components[name] for plan in self.teachers for name, w in zip(plan.names(), plan.weights))
@@ -346,6 +348,11 @@ class Trainer:
         record = StepRecord(self.step, total, components, grad_norm, skipped, lr, extra)
         self.step += 1
         return record
+
+    def _prefetch_teachers(self) -> None:
+        upcoming = self.stream.upcoming_samples(self.accumulation)
+        for plan in self.teachers:
+            plan.signal.prefetch(self.stream.dataset.directory.name, upcoming)
 
     # ---- evaluation
 
