@@ -1,0 +1,42 @@
+"""Layouts that decide which GPU kernels the distillation step runs (issue 18), checked on CPU: every linear layer of
+the frozen teacher gets an input that ``torch.matmul`` folds into one 2-D mm, and the MoE token permutation's
+backward is an index_add (no sort-based index_put)."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_harness import run_distributed
+from megatron_harness_workers import batch, build
+
+
+def _foldable(x: torch.Tensor) -> bool:
+    """torch.matmul's condition for viewing [..., K] as one [rows, K] matrix (no copy): the leading dims nest."""
+    return all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
+
+
+def frozen_teacher_linear_inputs_worker(rank: int, world: int, seed: int):
+    model = build("teacher", None, 1, 1, seed).eval().requires_grad_(False)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = (tuple(args[0].shape), _foldable(args[0]))
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.register_forward_pre_hook(record(name))
+    tokens, _ = batch(seed, batch_size=1)
+    with torch.no_grad():
+        model(tokens, None, None)
+    return seen
+
+
+def test_frozen_teacher_linear_inputs_fold_into_one_mm():
+    # LinearWithFrozenWeight runs torch.matmul(input, weight.t()); an input whose leading dims do not nest (the
+    # attention output transposed to [S, 1, F]) made it a batched matmul of S vector-matrix products on the GPU
+    seen = run_distributed(frozen_teacher_linear_inputs_worker, 1, 0)[0]
+    assert any(name.endswith("o_proj") for name in seen) and any(name.endswith("output_layer") for name in seen)
+    bad = {name: shape for name, (shape, ok) in seen.items() if not ok}
+    assert not bad, f"teacher linear inputs torch.matmul would not fold into one mm: {bad}"
