@@ -40,3 +40,28 @@ def test_frozen_teacher_linear_inputs_fold_into_one_mm():
     assert any(name.endswith("o_proj") for name in seen) and any(name.endswith("output_layer") for name in seen)
     bad = {name: shape for name, (shape, ok) in seen.items() if not ok}
     assert not bad, f"teacher linear inputs torch.matmul would not fold into one mm: {bad}"
+
+
+def _backward_nodes(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_grouped_experts_permute_tokens_with_index_select():
+    # x[idx]'s backward (IndexBackward0) is a sorting index_put on the GPU; index_select's is an index_add
+    from megatron_student.ops.moe import experts_forward_grouped, router_topk_softmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g, requires_grad=True)
+    weights, indices = router_topk_softmax(torch.randn(16, 4, generator=g, requires_grad=True), 2)
+    params = [torch.randn(4, 8, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(4, 8, 8, generator=g),
+              torch.randn(4, 8, generator=g)]
+    nodes = _backward_nodes(experts_forward_grouped(x, indices, weights, *params))
+    assert "IndexSelectBackward0" in nodes and "IndexBackward0" not in nodes, sorted(nodes)
