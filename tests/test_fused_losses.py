@@ -1,5 +1,5 @@
 """The fused Triton logit losses (``ops.logit_kernels`` behind ``logit_losses(backend="fused")``) against the torch
-path (``backend="torch"``, float64): values and gradients of forward KL (T = 1 and T ≠ 1) and CE, padded
+path (``backend="torch"``, float64): values and gradients of forward and reverse KL (T = 1 and T ≠ 1) and CE, padded
 vocabulary, −100 labels, per-component weights, rows longer than one kernel block, bf16 logits, vocab-parallel over
 gloo TP=2 (one rank holding only padding). The kernels run in Triton's interpreter on CPU tensors; a few seconds."""
 
@@ -19,6 +19,8 @@ CASES = {
     "kl_t0.7": [LogitLoss("forward_kl", temperature=0.7)],
     "ce": [LogitLoss("ce")],
     "two_kl_same_t": [LogitLoss("forward_kl", temperature=2.0), LogitLoss("ce"), LogitLoss("forward_kl", 2.0)],
+    "rkl_t1.5": [LogitLoss("reverse_kl", temperature=1.5)],
+    "kl_rkl_ce": [LogitLoss("forward_kl", 0.8), LogitLoss("reverse_kl", 0.8), LogitLoss("ce")],
 }
 
 
@@ -103,8 +105,8 @@ def test_fused_matches_torch_path(interpreter):
 def test_fused_rejects_what_it_does_not_compute():
     b = batch(4, 16, 16, 1, seed=0)
     args = (b["student"], b["teacher"])
-    for specs, message in (([LogitLoss("reverse_kl")], "reverse_kl"),
-                           ([LogitLoss("forward_kl", 1.0), LogitLoss("forward_kl", 2.0)], "one temperature")):
+    for specs, message in (([LogitLoss("jsd")], "jsd"), ([LogitLoss("tvd")], "tvd"),
+                           ([LogitLoss("forward_kl", 1.0), LogitLoss("reverse_kl", 2.0)], "one temperature")):
         with pytest.raises(ValueError, match=message):
             logit_losses(*args, specs, b["weights"][0], labels=b["labels"], backend="fused")
     with pytest.raises(ValueError, match="float64"):
@@ -114,7 +116,8 @@ def test_fused_rejects_what_it_does_not_compute():
 
 
 def test_fused_vocab_parallel_tp2_equals_unsplit_torch_path(interpreter):
-    cases = [case_of([LogitLoss("forward_kl", temperature), LogitLoss("ce")], 17, 64, vocab, seed=vocab)
+    cases = [case_of([LogitLoss("forward_kl", temperature), LogitLoss("reverse_kl", temperature), LogitLoss("ce")],
+                     17, 64, vocab, seed=vocab)
              for vocab, temperature in ((64, 1.0),  # no padding
                                         (50, 2.0),  # rank 1 partly padding
                                         (30, 1.0))]  # rank 1 only padding

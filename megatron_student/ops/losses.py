@@ -247,41 +247,44 @@ class _ChunkedLogitLosses(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-FUSED_KINDS = ("forward_kl", "ce")
+FUSED_KINDS = ("forward_kl", "reverse_kl", "ce")
 LOGIT_LOSS_BACKENDS = ("auto", "fused", "torch")
 
 
 def fused_unsupported(specs: Sequence[LogitLoss], dtype: torch.dtype) -> str | None:
     """Why the fused kernels (``ops.logit_kernels``) cannot compute ``specs`` on logits of ``dtype``; None if they
-    can: forward KL at one temperature and/or CE, on bf16/fp16/fp32 logits (float64 stays on the torch path)."""
+    can: forward/reverse KL at one temperature and/or CE, on bf16/fp16/fp32 logits (float64 stays on the torch
+    path)."""
     kinds = sorted({spec.kind for spec in specs} - set(FUSED_KINDS))
     if kinds:
         return f"the fused logit losses compute {FUSED_KINDS}, not {kinds}"
-    temperatures = {spec.temperature for spec in specs if spec.kind == "forward_kl"}
+    temperatures = {spec.temperature for spec in specs if spec.kind != "ce"}
     if len(temperatures) > 1:
-        return f"the fused logit losses take forward_kl at one temperature, got {sorted(temperatures)}"
+        return f"the fused logit losses take the KL kinds at one temperature, got {sorted(temperatures)}"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"the fused logit losses take bf16/fp16/fp32 logits, got {dtype}"
     return None
 
 
-def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shards' streaming partials [n, 5] (``logit_kernels.row_stats``) merged over the TP group: per row the
-    student's and the teacher's global log-sum-exp and Σ p·(t − s)/T, float32 [n] each."""
+def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Tensor, ...]:
+    """The shards' streaming partials [n, 6] (``logit_kernels.row_stats``) merged over the TP group: per row the
+    student's and the teacher's global log-sum-exp, Σ p·(t − s)/T and Σ q·(s − t)/T, float32 [n] each."""
     local_max = stats[:, [0, 2]]
     top = local_max.clone()
     if shard.group is not None:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no teacher: both −inf, sums stay 0
     scale = torch.exp(local_max - top)
-    sums = torch.stack([stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], stats[:, 4] * scale[:, 1]], 1)
+    sums = torch.stack([stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], stats[:, 4] * scale[:, 1],
+                        stats[:, 5] * scale[:, 0]], 1)
     if shard.group is not None:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
-    return top[:, 0] + torch.log(sums[:, 0]), top[:, 1] + torch.log(sums[:, 1]), sums[:, 2] / sums[:, 1]
+    return (top[:, 0] + torch.log(sums[:, 0]), top[:, 1] + torch.log(sums[:, 1]), sums[:, 2] / sums[:, 1],
+            sums[:, 3] / sums[:, 0])
 
 
 class _FusedLogitLosses(torch.autograd.Function):
-    """forward_kl (one temperature) and ce through the Triton kernels: per-row statistics in one read of both
+    """forward_kl and reverse_kl (one temperature) and ce through the Triton kernels: per-row statistics in one read of both
     logits, per-row losses on [n] vectors, and a one-pass gradient from the saved log-sum-exps. Each TP rank holds
     the full total (the row statistics are global) and its backward writes its own shard's exact gradient, with
     no communication."""
@@ -290,11 +293,12 @@ class _FusedLogitLosses(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, weights, specs, shard):
         from . import logit_kernels
 
-        kl_temperature = next((spec.temperature for spec in specs if spec.kind == "forward_kl"), None)
+        kl_temperature = next((spec.temperature for spec in specs if spec.kind != "ce"), None)
         temperature = 1.0 if kl_temperature is None else kl_temperature
         stats = logit_kernels.row_stats(student, None if kl_temperature is None else teacher, shard.valid, temperature)
-        lse_s, lse_t, cross = _merged_row_stats(stats, shard)
-        per_kind = {"forward_kl": (cross - lse_t + lse_s) * (temperature * temperature)}
+        lse_s, lse_t, cross_p, cross_q = _merged_row_stats(stats, shard)
+        per_kind = {"forward_kl": (cross_p - lse_t + lse_s) * (temperature * temperature),
+                    "reverse_kl": (cross_q - lse_s + lse_t) * (temperature * temperature)}
         lse_s1 = lse_s
         local = torch.full_like(lse_s, -1, dtype=torch.int64)
         if labels is not None:
@@ -308,7 +312,8 @@ class _FusedLogitLosses(torch.autograd.Function):
                 dist.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
             per_kind["ce"] = torch.where(scored, lse_s1 - picked, torch.zeros_like(picked))
         total = torch.stack([(w * per_kind[spec.kind]).sum() for spec, w in zip(specs, weights)])
-        rows = torch.stack([lse_s, lse_t, lse_s1, torch.zeros_like(lse_s), torch.zeros_like(lse_s)], 1)
+        zeros = torch.zeros_like(lse_s)
+        rows = torch.stack([lse_s, lse_t, lse_s1, zeros, zeros, zeros, cross_q], 1)  # coefficients: backward
         ctx.save_for_backward(student, teacher, labels, local, weights, rows)
         ctx.specs, ctx.shard, ctx.temperature = specs, shard, temperature
         return total
@@ -319,15 +324,17 @@ class _FusedLogitLosses(torch.autograd.Function):
         from . import logit_kernels
 
         student, teacher, labels, local, weights, rows = ctx.saved_tensors
-        kl = [k for k, spec in enumerate(ctx.specs) if spec.kind == "forward_kl"]
-        ce = [k for k, spec in enumerate(ctx.specs) if spec.kind == "ce"]
+        kl, rkl, ce = ([k for k, spec in enumerate(ctx.specs) if spec.kind == kind]
+                       for kind in ("forward_kl", "reverse_kl", "ce"))
         coefficient = grad_total.to(weights.dtype).unsqueeze(1) * weights  # [K, n]
-        if kl:  # d(T²·KL)/ds = T·(q − p)
+        if kl:  # d(T²·KL(P‖Q))/ds = T·(q − p)
             rows[:, 3] = coefficient[kl].sum(0) * ctx.temperature
+        if rkl:  # d(T²·KL(Q‖P))/ds = T·q·(s/T − t/T − Σ q (s − t)/T)
+            rows[:, 4] = coefficient[rkl].sum(0) * ctx.temperature
         if ce:
-            rows[:, 4] = coefficient[ce].sum(0) * (labels != IGNORE_INDEX)
+            rows[:, 5] = coefficient[ce].sum(0) * (labels != IGNORE_INDEX)
         grad = logit_kernels.logits_grad(student, teacher, rows, local, ctx.shard.valid, ctx.temperature,
-                                         has_kl=bool(kl), has_ce=bool(ce))
+                                         has_kl=bool(kl), has_rkl=bool(rkl), has_ce=bool(ce))
         return grad, None, None, None, None, None
 
 
@@ -345,7 +352,7 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     unsplit). See the module docstring for kinds, T², sharding and memory.
 
     ``backend``: ``torch`` (the chunked reference above), ``fused`` (the Triton kernels of ``ops.logit_kernels``:
-    forward KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1`` on the CPU;
+    forward and reverse KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1`` on the CPU;
     no float32 copy of the logits at all, so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA when the
     kinds and dtype allow it, torch otherwise).
     """
