@@ -21,7 +21,8 @@ Model FLOPs per step (MFU = FLOPs / (step time × peak)): student 3 × forward, 
 ``train_step.active_matmul_params``) plus the token-mixing FLOPs (``train_step.mixing_flops_forward``: softmax
 attention 4·H·D per visible key, KDA chunked). Peak: ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
 
-    python benchmarks/distill_step.py --output runs/distill_step [--profile] [--paths sequential grouped_torch_loss grouped hf]
+    python benchmarks/distill_step.py --output runs/distill_step [--profile] \
+        [--paths sequential grouped_torch_loss grouped hf]
     python benchmarks/distill_step.py --tiny --output /tmp/distill_step          # CPU smoke run, small width
 
 Prints one table and writes ``<output>/distill_step.json``; ``--profile`` adds ``<output>/profile_<path>.txt`` per

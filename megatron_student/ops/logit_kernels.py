@@ -1,14 +1,14 @@
 """Fused Triton kernels for the dense logit losses of :func:`megatron_student.ops.losses.logit_losses`: forward and
-reverse KL at one temperature T and CE at the label, reading the bf16 (or fp16/fp32) student and teacher logits once per pass
-with a streaming log-sum-exp over the vocabulary, and never creating a float32 [tokens, vocabulary] tensor.
+reverse KL at one temperature T and CE at the label, reading the bf16 (or fp16/fp32) student and teacher logits once
+per pass with a streaming log-sum-exp over the vocabulary, and never creating a float32 [tokens, vocabulary] tensor.
 
 Forward (one program per row): over this shard's valid columns, with x = s/T and y = t/T,
 ``m_s = max x``, ``z_s = Σ exp(x − m_s)``, ``m_t = max y``, ``z_t = Σ exp(y − m_t)``,
 ``a = Σ exp(y − m_t)·(y − x)`` and ``b = Σ exp(x − m_s)·(x − y)``, each block rescaled to the running maximum. The
 caller merges the shards' partials (max, then rescaled sums, over the TP group) and gets per row
 ``log Z_s = m_s + log z_s``, ``log Z_t``, ``KL(P‖Q) = a/z_t − log Z_t + log Z_s`` (Σ p (y − x) = a/z_t) and
-``KL(Q‖P) = b/z_s − log Z_s + log Z_t``. CE at T = 1 takes ``log Z_s`` at T = 1 (the same
-statistics when the KL temperature is 1, otherwise a student-only pass) minus the logit at the label.
+``KL(Q‖P) = b/z_s − log Z_s + log Z_t``. CE at T = 1 takes ``log Z_s`` at T = 1 (the same statistics when the KL
+temperature is 1, otherwise a student-only pass) minus the logit at the label.
 
 Backward (one program per row, writes the gradient of the shard in the logits' dtype, padding columns 0):
 ``c_kl·(q − p) + c_rkl·q·(x − y − D) + c_ce·(softmax(s) − onehot(label))`` with q = softmax(x), p = softmax(y) and

@@ -284,8 +284,8 @@ def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Te
 
 
 class _FusedLogitLosses(torch.autograd.Function):
-    """forward_kl and reverse_kl (one temperature) and ce through the Triton kernels: per-row statistics in one read of both
-    logits, per-row losses on [n] vectors, and a one-pass gradient from the saved log-sum-exps. Each TP rank holds
+    """forward_kl and reverse_kl (one temperature) and ce through the Triton kernels: per-row statistics in one read of
+    both logits, per-row losses on [n] vectors, and a one-pass gradient from the saved log-sum-exps. Each TP rank holds
     the full total (the row statistics are global) and its backward writes its own shard's exact gradient, with
     no communication."""
 
@@ -352,9 +352,9 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     unsplit). See the module docstring for kinds, T², sharding and memory.
 
     ``backend``: ``torch`` (the chunked reference above), ``fused`` (the Triton kernels of ``ops.logit_kernels``:
-    forward and reverse KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1`` on the CPU;
-    no float32 copy of the logits at all, so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA when the
-    kinds and dtype allow it, torch otherwise).
+    forward and reverse KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1``
+    on the CPU; no float32 copy of the logits at all, so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA
+    when the kinds and dtype allow it, torch otherwise).
     """
     specs = tuple(losses)
     if not specs:
