@@ -1,7 +1,8 @@
 """The fused Triton logit losses (``ops.logit_kernels`` behind ``logit_losses(backend="fused")``) against the torch
 path (``backend="torch"``, float64): values and gradients of forward and reverse KL (T = 1 and T ≠ 1) and CE, padded
 vocabulary, −100 labels, per-component weights, rows longer than one kernel block, bf16 logits, vocab-parallel over
-gloo TP=2 (one rank holding only padding). The kernels run in Triton's interpreter on CPU tensors; a few seconds."""
+gloo TP=2 (one rank holding only padding). The kernels run in Triton's interpreter on CPU tensors, in two spawned
+processes; about half a minute."""
 
 from __future__ import annotations
 
