@@ -115,7 +115,9 @@ def row_stats(student: torch.Tensor, teacher: torch.Tensor | None, valid: int, t
     ``valid`` columns of ``student``/``teacher`` [n, V_local] at ``temperature``; the teacher entries are
     (−inf, 0, 0, 0) without a teacher, all are (−inf, 0, …) when ``valid`` is 0."""
     n = student.shape[0]
-    stats = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0, 0.0, 0.0], device=student.device).repeat(n, 1)
+    stats = torch.zeros(n, 6, device=student.device)  # on the device: no host-to-device copy inside the step
+    stats[:, 0].fill_(float("-inf"))
+    stats[:, 2].fill_(float("-inf"))
     if valid and n:
         teacher_arg = student if teacher is None else teacher
         _row_stats_kernel[(n,)](student, teacher_arg, stats, student.stride(0), teacher_arg.stride(0), valid,

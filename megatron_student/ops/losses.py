@@ -269,7 +269,7 @@ def fused_unsupported(specs: Sequence[LogitLoss], dtype: torch.dtype) -> str | N
 def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Tensor, ...]:
     """The shards' streaming partials [n, 6] (``logit_kernels.row_stats``) merged over the TP group: per row the
     student's and the teacher's global log-sum-exp, Σ p·(t − s)/T and Σ q·(s − t)/T, float32 [n] each."""
-    local_max = stats[:, [0, 2]]
+    local_max = stats[:, 0:3:2]  # m_s, m_t (a slice: a list index would copy an index tensor to the device)
     top = local_max.clone()
     if shard.group is not None:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
@@ -328,11 +328,11 @@ class _FusedLogitLosses(torch.autograd.Function):
                        for kind in ("forward_kl", "reverse_kl", "ce"))
         coefficient = grad_total.to(weights.dtype).unsqueeze(1) * weights  # [K, n]
         if kl:  # d(T²·KL(P‖Q))/ds = T·(q − p)
-            rows[:, 3] = coefficient[kl].sum(0) * ctx.temperature
+            rows[:, 3] = sum(coefficient[k] for k in kl) * ctx.temperature
         if rkl:  # d(T²·KL(Q‖P))/ds = T·q·(s/T − t/T − Σ q (s − t)/T)
-            rows[:, 4] = coefficient[rkl].sum(0) * ctx.temperature
+            rows[:, 4] = sum(coefficient[k] for k in rkl) * ctx.temperature
         if ce:
-            rows[:, 5] = coefficient[ce].sum(0) * (labels != IGNORE_INDEX)
+            rows[:, 5] = sum(coefficient[k] for k in ce) * (labels != IGNORE_INDEX)
         grad = logit_kernels.logits_grad(student, teacher, rows, local, ctx.shard.valid, ctx.temperature,
                                          has_kl=bool(kl), has_rkl=bool(rkl), has_ce=bool(ce))
         return grad, None, None, None, None, None
