@@ -1,6 +1,8 @@
 """One distillation step on one GPU, three ways, one table: the Megatron-Core path with per-expert experts
-(``SequentialMLP``: the path before issue 18), with grouped-GEMM experts (``GroupedExperts``), and an HF-transformers +
-fla step as a DistillKit-style user writes it.
+(``SequentialMLP``) and the chunked torch logit losses (the path before issue 18), with grouped-GEMM experts
+(``GroupedExperts``) and the fused Triton logit losses (``ops.logit_kernels``, what the trainer runs on CUDA), and an
+HF-transformers + fla step as a DistillKit-style user writes it. ``grouped_torch_loss`` (not run by default) is the
+grouped path with the torch losses: the fused losses' share of the difference.
 
 Shape (issue 18): gpt-oss-20b width (hidden 2880, 64/8 heads of 64, intermediate 2880, 32 experts top-4, 201,088
 vocabulary), a 4-layer slice (sliding/full alternating; the student SWA(128)+TPA / KDA), an online teacher of the
@@ -8,7 +10,7 @@ same shape, T = 8192, batch 1, bf16, random weights (HF initialisation; the Mega
 
 A step is what the trainer does per micro-batch (``train.trainer``): the teacher's forward
 (``train.teacher_signal.OnlineTeacher.targets``), the student's forward through Megatron DDP, the stage-B logit
-losses of ``configs/stage_b_full_distill.yaml`` (0.8 forward KL + 0.2 CE, chunked, ``ops.losses.logit_losses``),
+losses of ``configs/stage_b_full_distill.yaml`` (0.8 forward KL + 0.2 CE, ``ops.losses.logit_losses``),
 backward and ``finalize_model_grads``. The HF step: transformers' ``GptOssForCausalLM`` teacher under no_grad, our
 HF ``StudentForCausalLM`` (fla KDA kernels) forward/backward, dense KL on the full [T, V] logits
 (``kl_div(log_softmax(s), softmax(t))``) + CE. The optimizer update is left out of all three (the same elementwise
@@ -19,11 +21,13 @@ Model FLOPs per step (MFU = FLOPs / (step time × peak)): student 3 × forward, 
 ``train_step.active_matmul_params``) plus the token-mixing FLOPs (``train_step.mixing_flops_forward``: softmax
 attention 4·H·D per visible key, KDA chunked). Peak: ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
 
-    python benchmarks/distill_step.py --output runs/distill_step [--profile] [--paths sequential grouped hf]
+    python benchmarks/distill_step.py --output runs/distill_step [--profile] \
+        [--paths sequential grouped_torch_loss grouped hf]
     python benchmarks/distill_step.py --tiny --output /tmp/distill_step          # CPU smoke run, small width
 
 Prints one table and writes ``<output>/distill_step.json``; ``--profile`` adds ``<output>/profile_<path>.txt`` per
-path (torch profiler: top kernels by device time, host-side synchronisations, gaps between kernels).
+path (torch profiler: top kernels by device time, the same grouped by input shapes, host-side synchronisations, gaps
+between kernels).
 """
 
 from __future__ import annotations
@@ -48,9 +52,14 @@ from train_step import WIDTH, active_matmul_params, mixing_flops_forward  # noqa
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage_b_full_distill.yaml"
 TINY = dict(hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
             num_local_experts=8, num_experts_per_tok=4, num_hidden_layers=4, sliding_window=16, vocab_size=1024)
-PATHS = ("sequential", "grouped", "hf")
-LABELS = {"sequential": "megatron, SequentialMLP experts (before)", "grouped": "megatron, grouped experts",
+PATHS = ("sequential", "grouped_torch_loss", "grouped", "hf")
+DEFAULT_PATHS = ("sequential", "grouped", "hf")
+LABELS = {"sequential": "megatron, SequentialMLP, torch loss (before)",
+          "grouped_torch_loss": "megatron, grouped experts, torch loss", "grouped": "megatron, grouped, fused loss",
           "hf": "HF transformers + fla (DistillKit-style)"}
+# path → (experts, logit-loss backend); ``auto`` is the trainer's choice (fused on CUDA)
+MEGATRON_PATHS = {"sequential": ("sequential", "torch"), "grouped_torch_loss": ("grouped", "torch"),
+                  "grouped": ("grouped", "auto")}
 # synchronising host calls the profile counts (each one stalls the launch queue until the GPU catches up)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
               "aten::item", "aten::nonzero", "aten::masked_select")
@@ -92,13 +101,15 @@ def step_flops(teacher_hf, student_hf, teacher_config, student_config, length: i
     return {"student_forward": student, "teacher_forward": teacher, "step": 3 * student + teacher}
 
 
-def megatron_step(experts: str, teacher_hf, student_hf, length: int, device: torch.device):
-    """The trainer's per-micro-batch work on Megatron models holding the HF weights; returns the step function."""
+def megatron_step(experts: str, loss_backend: str, teacher_hf, student_hf, length: int, device: torch.device):
+    """The trainer's per-micro-batch work on Megatron models holding the HF weights, with ``experts``
+    (``ParallelConfig.experts``) and the logit losses' ``backend``; returns the step function."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
                                            load_hf_weights, restore_fp32_parameters)
+    from megatron_student.ops.losses import logit_losses
     from megatron_student.train.batches import MicroBatch
     from megatron_student.train.teacher_signal import OnlineTeacher
 
@@ -129,9 +140,10 @@ def megatron_step(experts: str, teacher_hf, student_hf, length: int, device: tor
         ddp.zero_grad_buffer()
         targets = online.targets(mb)
         logits = ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
-        sums = targets.logit_losses(logits[0], losses, mb.weights, labels=mb.targets,
-                                    vocab_size=student_hf.config.vocab_size, tp_group=None,
-                                    chunk_size=stage.losses.chunk_size)
+        # DenseTargets.logit_losses with the backend made explicit
+        sums = logit_losses(logits[0], targets.logits, losses, mb.weights, labels=mb.targets,
+                            vocab_size=student_hf.config.vocab_size, tp_group=None,
+                            chunk_size=stage.losses.chunk_size, backend=loss_backend)
         (sum(w * s for w, s in zip(loss_weights, sums)) / length).backward()
         finalize_model_grads([ddp])
 
@@ -159,21 +171,25 @@ def hf_step(teacher_hf, student_hf, length: int, device: torch.device):
 
 
 def profile(step, path: Path, steps: int = 2) -> dict:
-    """Profile ``steps`` steps: the top ops by device (or CPU) time, the synchronising host calls, and the gaps
-    between consecutive GPU kernels (time the GPU waits for the host). Writes the tables to ``path``."""
+    """Profile ``steps`` steps: the top ops by device (or CPU) time, the same split by input shapes (which matmul,
+    which gather), the synchronising host calls, and the gaps between consecutive GPU kernels (time the GPU waits for
+    the host). Writes the tables to ``path``."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize()
     averages = prof.key_averages()
     sort = "device_time_total" if cuda else "self_cpu_time_total"
-    lines = [f"torch profiler, {steps} steps; top 40 by {sort}", averages.table(sort_by=sort, row_limit=40)]
+    lines = [f"torch profiler, {steps} steps; top 40 by {sort}", averages.table(sort_by=sort, row_limit=40),
+             f"top 40 by {sort}, split by input shapes",
+             prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40, max_name_column_width=60,
+                                                               max_shapes_column_width=120)]
     syncs = {e.key: e.count for e in averages if any(e.key.startswith(name) for name in SYNC_CALLS)}
     lines.append(f"synchronising host calls over {steps} steps: "
                  + (", ".join(f"{k} ×{v}" for k, v in sorted(syncs.items())) or "none"))
@@ -220,7 +236,7 @@ def measure(step, warmup: int, iters: int, cuda: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/distill_step"))
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(DEFAULT_PATHS))
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
@@ -256,7 +272,7 @@ def main() -> None:
     for path in args.paths:
         allocated_before = torch.cuda.memory_allocated() / 2**30 if cuda else None
         step, held = (hf_step(teacher_hf, student_hf, length, device) if path == "hf"
-                      else megatron_step(path, teacher_hf, student_hf, length, device))
+                      else megatron_step(*MEGATRON_PATHS[path], teacher_hf, student_hf, length, device))
         result = measure(step, args.warmup, args.iters, cuda)
         # what this path found allocated (the HF weights every path loads from; more means an earlier path leaked)
         result["allocated_before_gib"] = allocated_before
@@ -273,10 +289,10 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
-    print(f"\n{'path':<44}{'tokens/s':>10}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}")
+    print(f"\n{'path':<46}{'tokens/s':>10}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}")
     for path, r in results.items():
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{LABELS[path]:<44}{r['tokens_per_s']:>10.0f}{r['step_ms']:>10.1f}{r['mfu']:>8.1%}{memory:>10}")
+        print(f"{LABELS[path]:<46}{r['tokens_per_s']:>10.0f}{r['step_ms']:>10.1f}{r['mfu']:>8.1%}{memory:>10}")
     if "sequential" in results and "grouped" in results:
         print(f"grouped vs sequential: {results['sequential']['step_ms'] / results['grouped']['step_ms']:.2f}×"
               + (f"; grouped vs HF: {results['hf']['step_ms'] / results['grouped']['step_ms']:.2f}×"

@@ -249,9 +249,101 @@ class _ChunkedLogitLosses(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+FUSED_KINDS = ("forward_kl", "reverse_kl", "ce")
+LOGIT_LOSS_BACKENDS = ("auto", "fused", "torch")
+
+
+def fused_unsupported(specs: Sequence[LogitLoss], dtype: torch.dtype) -> str | None:
+    """Why the fused kernels (``ops.logit_kernels``) cannot compute ``specs`` on logits of ``dtype``; None if they
+    can: forward/reverse KL at one temperature and/or CE, on bf16/fp16/fp32 logits (float64 stays on the torch
+    path)."""
+    kinds = sorted({spec.kind for spec in specs} - set(FUSED_KINDS))
+    if kinds:
+        return f"the fused logit losses compute {FUSED_KINDS}, not {kinds}"
+    temperatures = {spec.temperature for spec in specs if spec.kind != "ce"}
+    if len(temperatures) > 1:
+        return f"the fused logit losses take the KL kinds at one temperature, got {sorted(temperatures)}"
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"the fused logit losses take bf16/fp16/fp32 logits, got {dtype}"
+    return None
+
+
+def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Tensor, ...]:
+    """The shards' streaming partials [n, 6] (``logit_kernels.row_stats``) merged over the TP group: per row the
+    student's and the teacher's global log-sum-exp, Σ p·(t − s)/T and Σ q·(s − t)/T, float32 [n] each."""
+    local_max = stats[:, 0:3:2]  # m_s, m_t (a slice: a list index would copy an index tensor to the device)
+    top = local_max.clone()
+    if shard.group is not None:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no teacher: both −inf, sums stay 0
+    scale = torch.exp(local_max - top)
+    sums = torch.stack([stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], stats[:, 4] * scale[:, 1],
+                        stats[:, 5] * scale[:, 0]], 1)
+    if shard.group is not None:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
+    return (top[:, 0] + torch.log(sums[:, 0]), top[:, 1] + torch.log(sums[:, 1]), sums[:, 2] / sums[:, 1],
+            sums[:, 3] / sums[:, 0])
+
+
+class _FusedLogitLosses(torch.autograd.Function):
+    """forward_kl and reverse_kl (one temperature) and ce through the Triton kernels: per-row statistics in one read of
+    both logits, per-row losses on [n] vectors, and a one-pass gradient from the saved log-sum-exps. Each TP rank holds
+    the full total (the row statistics are global) and its backward writes its own shard's exact gradient, with
+    no communication."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, weights, specs, shard):
+        from . import logit_kernels
+
+        kl_temperature = next((spec.temperature for spec in specs if spec.kind != "ce"), None)
+        temperature = 1.0 if kl_temperature is None else kl_temperature
+        stats = logit_kernels.row_stats(student, None if kl_temperature is None else teacher, shard.valid, temperature)
+        lse_s, lse_t, cross_p, cross_q = _merged_row_stats(stats, shard)
+        per_kind = {"forward_kl": (cross_p - lse_t + lse_s) * (temperature * temperature),
+                    "reverse_kl": (cross_q - lse_s + lse_t) * (temperature * temperature)}
+        lse_s1 = lse_s
+        local = torch.full_like(lse_s, -1, dtype=torch.int64)
+        if labels is not None:
+            if temperature != 1.0:
+                lse_s1 = _merged_row_stats(logit_kernels.row_stats(student, None, shard.valid, 1.0), shard)[0]
+            scored = labels != IGNORE_INDEX
+            here = scored & (labels >= shard.start) & (labels < shard.start + shard.valid)
+            local = torch.where(here, labels - shard.start, local)
+            picked = student.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1).float() * here
+            if shard.group is not None:
+                dist.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
+            per_kind["ce"] = torch.where(scored, lse_s1 - picked, torch.zeros_like(picked))
+        total = torch.stack([(w * per_kind[spec.kind]).sum() for spec, w in zip(specs, weights)])
+        zeros = torch.zeros_like(lse_s)
+        rows = torch.stack([lse_s, lse_t, lse_s1, zeros, zeros, zeros, cross_q], 1)  # coefficients: backward
+        ctx.save_for_backward(student, teacher, labels, local, weights, rows)
+        ctx.specs, ctx.shard, ctx.temperature = specs, shard, temperature
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        from . import logit_kernels
+
+        student, teacher, labels, local, weights, rows = ctx.saved_tensors
+        kl, rkl, ce = ([k for k, spec in enumerate(ctx.specs) if spec.kind == kind]
+                       for kind in ("forward_kl", "reverse_kl", "ce"))
+        coefficient = grad_total.to(weights.dtype).unsqueeze(1) * weights  # [K, n]
+        if kl:  # d(T²·KL(P‖Q))/ds = T·(q − p)
+            rows[:, 3] = sum(coefficient[k] for k in kl) * ctx.temperature
+        if rkl:  # d(T²·KL(Q‖P))/ds = T·q·(s/T − t/T − Σ q (s − t)/T)
+            rows[:, 4] = sum(coefficient[k] for k in rkl) * ctx.temperature
+        if ce:
+            rows[:, 5] = sum(coefficient[k] for k in ce) * (labels != IGNORE_INDEX)
+        grad = logit_kernels.logits_grad(student, teacher, rows, local, ctx.shard.valid, ctx.temperature,
+                                         has_kl=bool(kl), has_rkl=bool(rkl), has_ce=bool(ce))
+        return grad, None, None, None, None, None
+
+
 def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, losses: Sequence[LogitLoss],
                  weights: torch.Tensor, *, labels: torch.Tensor | None = None, vocab_size: int | None = None,
-                 tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512) -> torch.Tensor:
+                 tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512,
+                 backend: str = "auto") -> torch.Tensor:
     """``Σ_t w_t · ℓ_t`` for each of ``losses`` in one chunked pass over vocab-parallel logits; returns [K].
 
     ``student_logits``/``teacher_logits``: ``[..., V_local]`` (the same shape; the teacher is never
@@ -260,10 +352,17 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     leading shape, needed for ``ce`` (ids below ``vocab_size``, or −100). ``vocab_size``: the true vocabulary
     size (None: no padding). ``tp_group``: the tensor-parallel group over which the vocabulary is split (None:
     unsplit). See the module docstring for kinds, T², sharding and memory.
+
+    ``backend``: ``torch`` (the chunked reference above), ``fused`` (the Triton kernels of ``ops.logit_kernels``:
+    forward and reverse KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1``
+    on the CPU; no float32 copy of the logits at all, so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA
+    when the kinds and dtype allow it, torch otherwise).
     """
     specs = tuple(losses)
     if not specs:
         raise ValueError("logit_losses needs at least one LogitLoss")
+    if backend not in LOGIT_LOSS_BACKENDS:
+        raise ValueError(f"logit loss backend {backend!r}: choose one of {LOGIT_LOSS_BACKENDS}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     lead = student_logits.shape[:-1]
@@ -283,6 +382,16 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
         labels = labels.reshape(-1)
     else:
         labels = None
+    unsupported = fused_unsupported(specs, student_logits.dtype)
+    if backend == "fused" and unsupported:
+        raise ValueError(unsupported)
+    if backend == "fused" or (backend == "auto" and student_logits.is_cuda and not unsupported):
+        student = student_logits.reshape(-1, local_vocab)
+        teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, local_vocab)
+        return _FusedLogitLosses.apply(
+            student if student.stride(-1) == 1 else student.contiguous(),
+            teacher if teacher is None or teacher.stride(-1) == 1 else teacher.contiguous(),
+            labels, weights.detach().reshape(len(specs), -1).float(), specs, shard)
     return _ChunkedLogitLosses.apply(
         student_logits.reshape(-1, local_vocab),
         None if teacher_logits is None else teacher_logits.detach().reshape(-1, local_vocab),

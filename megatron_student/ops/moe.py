@@ -167,8 +167,11 @@ def experts_forward_grouped(
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device).scatter_add_(
         0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
     group_ends = counts.cumsum(0, dtype=torch.int32)
+    # index_select, not x[idx]: its backward is an index_add; indexing's backward is an index_put that sorts the
+    # indices first (~3 ms per layer for the 32k rows of T = 8192, top-4 on an H200)
     out = expert_mlp_grouped(
-        x[order // top_k], group_ends, flat_experts[order], expert_weights.reshape(-1)[order],
+        x.index_select(0, order // top_k), group_ends, flat_experts[order],
+        expert_weights.reshape(-1).index_select(0, order),
         gate_up_proj, gate_up_bias, down_proj, down_bias, partial(clamped_swiglu_interleaved, alpha=alpha, limit=limit))
     by_pair = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, k) order; a permutation, no atomics
     return by_pair.view(num_tokens, top_k, -1).sum(1)
