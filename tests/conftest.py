@@ -1,6 +1,6 @@
 import os
 
-# One intra-op thread per test process, set before torch loads: the suite runs as two xdist workers on two cores
+# One intra-op thread per test process, set before torch loads: the suite runs as xdist workers on two cores
 # and many tests start several ranks; more threads than cores makes small CPU ops wait at OpenMP barriers
 # (measured: a tiny MoE layer 0.8 ms with one thread, 38 ms with two on a loaded 2-core machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # The longest modules start first, one per xdist worker (`--dist loadscope` hands out modules in this order), so
-# that the two workers finish together instead of one waiting on a long module started last.
+# that the workers finish together instead of one waiting on a long module started last.
 LONGEST_FIRST = ("test_demo.py", "test_slurm.py", "test_train_parallel.py", "test_offline_capture.py",
                  "test_checkpoint_safety.py", "test_context_parallel.py")
 
