@@ -15,6 +15,16 @@ STAGE_B = Path(__file__).resolve().parents[1] / "configs" / "stage_b_full_distil
 TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
 
 
+def expert_inputs(g: torch.Generator, weights: torch.Tensor, tokens: int, hidden: int, inter: int,
+                  experts: int) -> list[torch.Tensor]:
+    """x, routing weights and HF-layout expert parameters (gate_up, its bias, down, its bias), in that order."""
+    return [torch.randn(tokens, hidden, generator=g), weights,
+            torch.randn(experts, hidden, 2 * inter, generator=g) / hidden ** 0.5,
+            torch.randn(experts, 2 * inter, generator=g),
+            torch.randn(experts, inter, hidden, generator=g) / inter ** 0.5,
+            torch.randn(experts, hidden, generator=g)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_matches_per_expert_reference(dtype):
     g = torch.Generator().manual_seed(0)
@@ -23,11 +33,7 @@ def test_grouped_matches_per_expert_reference(dtype):
     logits[:, 4] -= 100  # expert 4 gets no token
     weights, indices = router_topk_softmax(logits, top_k)
     assert (indices == 4).sum() == 0 and all((indices == e).any() for e in (0, 1, 2, 3, 5))
-    inputs = [torch.randn(tokens, hidden, generator=g), weights,
-              torch.randn(experts, hidden, 2 * inter, generator=g) / hidden ** 0.5,
-              torch.randn(experts, 2 * inter, generator=g),
-              torch.randn(experts, inter, hidden, generator=g) / inter ** 0.5,
-              torch.randn(experts, hidden, generator=g)]
+    inputs = expert_inputs(g, weights, tokens, hidden, inter, experts)
     grad_out = torch.randn(tokens, hidden, generator=g)
     results = []
     for forward in (experts_forward, experts_forward_grouped):
@@ -97,11 +103,7 @@ def test_grouped_bias_gradients_accumulate_in_fp32():
     g = torch.Generator().manual_seed(1)
     tokens, hidden, inter, experts, top_k = 2048, 32, 24, 4, 2
     weights, indices = router_topk_softmax(torch.randn(tokens, experts, generator=g), top_k)
-    inputs = [torch.randn(tokens, hidden, generator=g), weights,
-              torch.randn(experts, hidden, 2 * inter, generator=g) / hidden ** 0.5,
-              torch.randn(experts, 2 * inter, generator=g),
-              torch.randn(experts, inter, hidden, generator=g) / inter ** 0.5,
-              torch.randn(experts, hidden, generator=g)]
+    inputs = expert_inputs(g, weights, tokens, hidden, inter, experts)
     grad_out = torch.randn(tokens, hidden, generator=g)
     grads = {}
     for name, forward, dtype in (("exact", experts_forward, torch.float64),

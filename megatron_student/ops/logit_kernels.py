@@ -31,6 +31,17 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _online_logsumexp_step(x, mask, m, z):
+    """One block of a streaming log-sum-exp: the new running max and Σexp, this block's exp(x − max) (0 where
+    masked) and the factor that rescaled the earlier sums."""
+    x_masked = tl.where(mask, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x_masked, 0))
+    e = tl.exp(x_masked - m_new)
+    scale = tl.exp(m - m_new)
+    return m_new, z * scale + tl.sum(e, 0), e, scale
+
+
+@triton.jit
 def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, stride_s, stride_t, valid, inv_temperature,
                       HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row · stride exceeds 2³¹ at T = 16k, V = 201k
@@ -48,22 +59,12 @@ def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, stride_s, stride_t, valid, inv_te
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < valid
         x = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature
-        x_masked = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(x_masked, 0))
-        e_s = tl.exp(x_masked - m_new)
-        scale_s = tl.exp(m_s - m_new)
-        z_s = z_s * scale_s + tl.sum(e_s, 0)
-        m_s = m_new
+        m_s, z_s, e_s, scale_s = _online_logsumexp_step(x, mask, m_s, z_s)
         if HAS_TEACHER:
             y = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature
-            y_masked = tl.where(mask, y, float("-inf"))
-            m_new = tl.maximum(m_t, tl.max(y_masked, 0))
-            e_t = tl.exp(y_masked - m_new)
-            scale_t = tl.exp(m_t - m_new)
-            z_t = z_t * scale_t + tl.sum(e_t, 0)
+            m_t, z_t, e_t, scale_t = _online_logsumexp_step(y, mask, m_t, z_t)
             a = a * scale_t + tl.sum(tl.where(mask, e_t * (y - x), 0.0), 0)
             b = b * scale_s + tl.sum(tl.where(mask, e_s * (x - y), 0.0), 0)
-            m_t = m_new
     out = stats_ptr + row * 6
     tl.store(out, m_s)
     tl.store(out + 1, z_s)

@@ -15,6 +15,7 @@ stream: documents cross chunk boundaries, and the attention modules place the ch
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,20 +118,11 @@ class BatchStream:
         return samples
 
     def upcoming_samples(self, micro_batches: int) -> list[list[int]]:
-        """The samples of the next ``micro_batches`` micro-batches, without drawing them (for prefetching)."""
-        epoch, position = self.sampler.epoch, self.sampler.position
-        order = self.sampler.epoch_order(epoch)
-        out = []
-        for _ in range(micro_batches):
-            samples = []
-            while len(samples) < self.micro_batch:
-                if position >= len(order):
-                    epoch, position = epoch + 1, 0
-                    order = self.sampler.epoch_order(epoch)
-                samples.append(int(order[position]))
-                position += 1
-            out.append(samples)
-        return out
+        """The samples of the next ``micro_batches`` micro-batches, without drawing them (for prefetching): drawn
+        from a copy of the sampler at the same position."""
+        ahead = copy.copy(self)
+        ahead.sampler, ahead._iter = copy.copy(self.sampler), None
+        return [ahead.next_samples() for _ in range(micro_batches)]
 
     def next_micro_batch(self) -> MicroBatch:
         return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk)

@@ -182,8 +182,8 @@ class OfflineTeacher:
         self._ahead: dict[tuple, Future] = {}
 
     def prefetch(self, split: str, sample_lists: Sequence[Sequence[int]]) -> None:
-        wanted = {(split, tuple(int(s) for s in samples)) for samples in sample_lists}
-        for key in set(self._ahead) - wanted:  # drawn ahead but not trained on (e.g. an evaluation came between)
+        wanted = {(split, tuple(samples)) for samples in sample_lists}
+        for key in set(self._ahead) - wanted:  # read ahead but not drawn (the stream was moved, e.g. by a resume)
             self._ahead.pop(key).cancel()
         for key in wanted - set(self._ahead):
             self._ahead[key] = self._reader_thread.submit(self.reader.micro_batch, key[0], list(key[1]), self.seq_len)
@@ -204,7 +204,7 @@ class OfflineTeacher:
         window = slice(mb.offset, mb.offset + mb.targets.numel())
         required = torch.zeros(len(mb.samples) * self.seq_len, dtype=torch.bool)
         required[window] = (mb.targets != -100).cpu()
-        ahead = self._ahead.pop((mb.split, tuple(int(s) for s in mb.samples)), None)
+        ahead = self._ahead.pop((mb.split, mb.samples), None)  # samples: a tuple of ints (read_micro_batch)
         if ahead is None:
             ids, logprobs, log_tail, _ = self.reader.micro_batch(mb.split, mb.samples, self.seq_len, required=required)
         else:

@@ -286,7 +286,6 @@ class Trainer:
         step time spans CUDA events on GPU (host clock on CPU)."""
         cfg = self.config
         clock = StepClock(self.device)
-        self._prefetch_teachers()  # started at the end of the previous step, unless an evaluation or resume came between
         batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
         normaliser = global_normaliser([mb.weights for mb in batches], mode=cfg.losses.normaliser,
                                        group=self.dp_cp_group, dp_grad_average=True)
