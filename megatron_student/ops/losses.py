@@ -253,36 +253,68 @@ FUSED_KINDS = ("forward_kl", "reverse_kl", "ce")
 LOGIT_LOSS_BACKENDS = ("auto", "fused", "torch")
 
 
-def fused_unsupported(specs: Sequence[LogitLoss], dtype: torch.dtype) -> str | None:
+def fused_unsupported(specs: Sequence[LogitLoss], dtype: torch.dtype,
+                      kinds: Sequence[str] = FUSED_KINDS) -> str | None:
     """Why the fused kernels (``ops.logit_kernels``) cannot compute ``specs`` on logits of ``dtype``; None if they
-    can: forward/reverse KL at one temperature and/or CE, on bf16/fp16/fp32 logits (float64 stays on the torch
-    path)."""
-    kinds = sorted({spec.kind for spec in specs} - set(FUSED_KINDS))
-    if kinds:
-        return f"the fused logit losses compute {FUSED_KINDS}, not {kinds}"
+    can: ``kinds`` (dense teacher: forward/reverse KL and CE; stored teacher: every kind) with the
+    teacher kinds at one temperature, on bf16/fp16/fp32 logits (float64 stays on the torch path)."""
+    other = sorted({spec.kind for spec in specs} - set(kinds))
+    if other:
+        return f"the fused logit losses compute {tuple(kinds)}, not {other}"
     temperatures = {spec.temperature for spec in specs if spec.kind != "ce"}
     if len(temperatures) > 1:
-        return f"the fused logit losses take the KL kinds at one temperature, got {sorted(temperatures)}"
+        return f"the fused logit losses take the teacher kinds at one temperature, got {sorted(temperatures)}"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"the fused logit losses take bf16/fp16/fp32 logits, got {dtype}"
     return None
 
 
-def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Tensor, ...]:
-    """The shards' streaming partials [n, 6] (``logit_kernels.row_stats``) merged over the TP group: per row the
-    student's and the teacher's global log-sum-exp, Σ p·(t − s)/T and Σ q·(s − t)/T, float32 [n] each."""
-    local_max = stats[:, 0:3:2]  # m_s, m_t (a slice: a list index would copy an index tensor to the device)
+def _merged_partials(local_max: torch.Tensor, sums: Sequence[tuple[torch.Tensor, int]],
+                     shard: _VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streaming partials of the TP shards merged over the group: per row the global maxima [n, j] of the shards'
+    running maxima ``local_max`` [n, j] (0 where all are −inf) and the global sums [n, len(sums)] of ``sums``, each
+    (a shard's [n] sum, the column of ``local_max`` it is relative to), rescaled to those maxima."""
     top = local_max.clone()
     if shard.group is not None:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no teacher: both −inf, sums stay 0
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no column: −inf everywhere, sums stay 0
     scale = torch.exp(local_max - top)
-    sums = torch.stack([stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], stats[:, 4] * scale[:, 1],
-                        stats[:, 5] * scale[:, 0]], 1)
+    merged = torch.stack([partial * scale[:, j] for partial, j in sums], 1)
     if shard.group is not None:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
+        dist.all_reduce(merged, op=dist.ReduceOp.SUM, group=shard.group)
+    return top, merged
+
+
+def _merged_row_stats(stats: torch.Tensor, shard: _VocabShard) -> tuple[torch.Tensor, ...]:
+    """The shards' streaming partials [n, 6] (``logit_kernels.row_stats``) merged over the TP group: per row the
+    student's and the teacher's global log-sum-exp, Σ p·(t − s)/T and Σ q·(s − t)/T, float32 [n] each."""
+    # m_s, m_t: a slice (a list index would copy an index tensor to the device)
+    top, sums = _merged_partials(stats[:, 0:3:2], [(stats[:, 1], 0), (stats[:, 3], 1), (stats[:, 4], 1),
+                                                   (stats[:, 5], 0)], shard)
     return (top[:, 0] + torch.log(sums[:, 0]), top[:, 1] + torch.log(sums[:, 1]), sums[:, 2] / sums[:, 1],
             sums[:, 3] / sums[:, 0])
+
+
+def _fused_ce(student: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tensor, temperature: float,
+              shard: _VocabShard) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """CE at the labels [n] (−100: none) for the fused paths, given the student's global log-sum-exp ``lse`` at
+    ``temperature``: (per-row −log q[label] or None without labels, log Z at T = 1 (``lse`` when T is 1, else a
+    student-only ``row_stats`` pass), each row's local label column, −1 when not on this shard)."""
+    from . import logit_kernels
+
+    local = torch.full_like(lse, -1, dtype=torch.int64)
+    if labels is None:
+        return None, lse, local
+    lse1 = lse
+    if temperature != 1.0:
+        lse1 = _merged_row_stats(logit_kernels.row_stats(student, None, shard.valid, 1.0), shard)[0]
+    scored = labels != IGNORE_INDEX
+    here = scored & (labels >= shard.start) & (labels < shard.start + shard.valid)
+    local = torch.where(here, labels - shard.start, local)
+    picked = student.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1).float() * here
+    if shard.group is not None:
+        dist.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
+    return torch.where(scored, lse1 - picked, torch.zeros_like(picked)), lse1, local
 
 
 class _FusedLogitLosses(torch.autograd.Function):
@@ -301,18 +333,7 @@ class _FusedLogitLosses(torch.autograd.Function):
         lse_s, lse_t, cross_p, cross_q = _merged_row_stats(stats, shard)
         per_kind = {"forward_kl": (cross_p - lse_t + lse_s) * (temperature * temperature),
                     "reverse_kl": (cross_q - lse_s + lse_t) * (temperature * temperature)}
-        lse_s1 = lse_s
-        local = torch.full_like(lse_s, -1, dtype=torch.int64)
-        if labels is not None:
-            if temperature != 1.0:
-                lse_s1 = _merged_row_stats(logit_kernels.row_stats(student, None, shard.valid, 1.0), shard)[0]
-            scored = labels != IGNORE_INDEX
-            here = scored & (labels >= shard.start) & (labels < shard.start + shard.valid)
-            local = torch.where(here, labels - shard.start, local)
-            picked = student.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1).float() * here
-            if shard.group is not None:
-                dist.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
-            per_kind["ce"] = torch.where(scored, lse_s1 - picked, torch.zeros_like(picked))
+        per_kind["ce"], lse_s1, local = _fused_ce(student, labels, lse_s, temperature, shard)
         total = torch.stack([(w * per_kind[spec.kind]).sum() for spec, w in zip(specs, weights)])
         zeros = torch.zeros_like(lse_s)
         rows = torch.stack([lse_s, lse_t, lse_s1, zeros, zeros, zeros, cross_q], 1)  # coefficients: backward
@@ -338,6 +359,19 @@ class _FusedLogitLosses(torch.autograd.Function):
         grad = logit_kernels.logits_grad(student, teacher, rows, local, ctx.shard.valid, ctx.temperature,
                                          has_kl=bool(kl), has_rkl=bool(rkl), has_ce=bool(ce))
         return grad, None, None, None, None, None
+
+
+def _checked_labels(labels: torch.Tensor | None, specs: Sequence[LogitLoss], lead: tuple,
+                    shard: _VocabShard) -> torch.Tensor | None:
+    """``labels`` flattened when a spec is ``ce`` (checked: the logits' leading shape, −100 or a vocabulary id), else
+    None."""
+    if not any(s.kind == "ce" for s in specs):
+        return None
+    if labels is None or labels.shape != lead:
+        raise ValueError(f"ce needs labels of shape {tuple(lead)}")
+    if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
+        raise ValueError(f"labels must be −100 or ids in [0, {shard.vocab})")
+    return labels.reshape(-1)
 
 
 def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, losses: Sequence[LogitLoss],
@@ -374,14 +408,7 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
     weights = _per_loss_weights(weights, lead, len(specs))
     shard = _vocab_shard(local_vocab, vocab_size, tp_group)
-    if any(s.kind == "ce" for s in specs):
-        if labels is None or labels.shape != lead:
-            raise ValueError(f"ce needs labels of shape {tuple(lead)}")
-        if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
-            raise ValueError(f"labels must be −100 or ids in [0, {shard.vocab})")
-        labels = labels.reshape(-1)
-    else:
-        labels = None
+    labels = _checked_labels(labels, specs, lead, shard)
     unsupported = fused_unsupported(specs, student_logits.dtype)
     if backend == "fused" and unsupported:
         raise ValueError(unsupported)
@@ -530,6 +557,43 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, vocab_size: int | None 
 SPARSE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 
+def _sparse_partition_terms(picked: torch.Tensor, log_tail_q: torch.Tensor | None, teacher: torch.Tensor,
+                            teacher_tail: torch.Tensor, valid: torch.Tensor, rest_ids: torch.Tensor,
+                            spec: LogitLoss) -> torch.Tensor:
+    """Per-token ``T²·ℓ`` [n] of ``spec`` on the top-k + tail partition from the student's log-probabilities at
+    temperature T at the stored ids ``picked`` [n, k] (−inf at padding slots) and of its tail ``log_tail_q`` [n]
+    (None: no row has a tail bucket), the teacher's temperature-1 log-probabilities ``teacher`` [n, k] and log tail
+    ``teacher_tail`` [n], the stored slots ``valid`` [n, k] and the count of the other ids ``rest_ids`` [n]."""
+    T = spec.temperature
+    # The teacher's tempered partition: its tail mass is taken as spread evenly over the other ids (the
+    # reconstruction the capture documents), so p_tail(T) = n·(p_tail/n)^(1/T) before normalising.
+    log_p = (teacher / T).masked_fill(~valid, -math.inf)
+    log_q_parts = picked
+    if log_tail_q is not None:
+        log_n = torch.log(rest_ids.clamp_min(1).to(teacher.dtype))
+        tempered_tail = torch.where(rest_ids > 0, (teacher_tail - log_n) / T + log_n, -math.inf)
+        log_p = torch.cat([log_p, tempered_tail.unsqueeze(-1)], -1)
+        log_q_parts = torch.cat([picked, log_tail_q.unsqueeze(-1)], -1)
+    log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
+    p_mask, q_mask = torch.isfinite(log_p), torch.isfinite(log_q_parts)
+    lp = torch.where(p_mask, log_p, torch.zeros_like(log_p))
+    lq = torch.where(q_mask, log_q_parts, torch.zeros_like(log_q_parts))
+    p, q = torch.exp(lp) * p_mask, torch.exp(lq) * q_mask
+    zero = torch.zeros_like(p)
+    if spec.kind == "forward_kl":
+        terms = torch.where(p_mask, p * (lp - lq), zero)
+    elif spec.kind == "reverse_kl":
+        terms = torch.where(q_mask, q * (lq - lp), zero)
+    elif spec.kind == "jsd":
+        b = spec.beta
+        m = b * p + (1 - b) * q
+        lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+        terms = b * torch.where(p_mask, p * (lp - lm), zero) + (1 - b) * torch.where(q_mask, q * (lq - lm), zero)
+    else:  # tvd
+        terms = 0.5 * (p - q).abs()
+    return terms.sum(-1) * (T * T)
+
+
 def _sparse_chunk_losses(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor,
                          weights: torch.Tensor, specs: tuple[LogitLoss, ...], shard: _VocabShard) -> torch.Tensor:
     """This rank's share (1/TP of the replicated value) of ``Σ_t w_t ℓ_t`` on the top-k + tail partition, [K]."""
@@ -555,10 +619,7 @@ def _sparse_chunk_losses(student: torch.Tensor, ids: torch.Tensor, logprobs: tor
         if shard.group is not None:
             picked = dist_nn.all_reduce(picked, op=dist.ReduceOp.SUM, group=shard.group)
         picked = picked.masked_fill(~valid, -math.inf)
-        # The teacher's tempered partition: its tail mass is taken as spread evenly over the other ids (the
-        # reconstruction the capture documents), so p_tail(T) = n·(p_tail/n)^(1/T) before normalising.
-        log_p = (teacher / T).masked_fill(~valid, -math.inf)
-        log_q_parts = picked
+        log_tail_q = None
         if bool((rest_ids > 0).any()):
             tail_q = torch.exp(log_q).masked_fill(stored, 0.0).sum(-1)
             if shard.group is not None:
@@ -566,28 +627,7 @@ def _sparse_chunk_losses(student: torch.Tensor, ids: torch.Tensor, logprobs: tor
             positive = tail_q > 0
             log_tail_q = torch.where(positive, torch.log(torch.where(positive, tail_q, torch.ones_like(tail_q))),
                                      torch.full_like(tail_q, -math.inf))
-            log_n = torch.log(rest_ids.clamp_min(1).to(cdtype))
-            tempered_tail = torch.where(rest_ids > 0, (teacher_tail - log_n) / T + log_n, -math.inf)
-            log_p = torch.cat([log_p, tempered_tail.unsqueeze(-1)], -1)
-            log_q_parts = torch.cat([picked, log_tail_q.unsqueeze(-1)], -1)
-        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
-        p_mask, q_mask = torch.isfinite(log_p), torch.isfinite(log_q_parts)
-        lp = torch.where(p_mask, log_p, torch.zeros_like(log_p))
-        lq = torch.where(q_mask, log_q_parts, torch.zeros_like(log_q_parts))
-        p, q = torch.exp(lp) * p_mask, torch.exp(lq) * q_mask
-        zero = torch.zeros_like(p)
-        if spec.kind == "forward_kl":
-            terms = torch.where(p_mask, p * (lp - lq), zero)
-        elif spec.kind == "reverse_kl":
-            terms = torch.where(q_mask, q * (lq - lp), zero)
-        elif spec.kind == "jsd":
-            b = spec.beta
-            m = b * p + (1 - b) * q
-            lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
-            terms = b * torch.where(p_mask, p * (lp - lm), zero) + (1 - b) * torch.where(q_mask, q * (lq - lm), zero)
-        else:  # tvd
-            terms = 0.5 * (p - q).abs()
-        per_token = terms.sum(-1) * (T * T)
+        per_token = _sparse_partition_terms(picked, log_tail_q, teacher, teacher_tail, valid, rest_ids, spec)
         out.append((w.to(cdtype) * per_token).sum() / world)
     return torch.stack(out)
 
@@ -624,10 +664,87 @@ class _ChunkedSparseLosses(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+class _FusedSparseLosses(torch.autograd.Function):
+    """The sparse losses (one temperature) and ce through the Triton kernels: one read of the student logits per row
+    for its log-sum-exp over the vocabulary and over the ids not stored (the tail bucket, summed directly), the
+    partition losses of :func:`_sparse_partition_terms` on [n, k + 1] tensors, and a one-pass gradient. Each TP rank
+    holds the full total (the row statistics are merged as in :class:`_FusedLogitLosses`, the stored ids' logits
+    summed from the ranks that own them) and its backward writes its own shard's exact gradient, with no
+    communication."""
+
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, log_tail, labels, weights, specs, shard):
+        from . import logit_kernels
+
+        temperature = next(spec.temperature for spec in specs if spec.kind != "ce")
+        valid = ids >= 0  # id −1: a padding slot of a row that stores fewer ids
+        local = ids - shard.start
+        here = valid & (local >= 0) & (local < shard.valid)
+        sorted_cols, order, bounds = logit_kernels.stored_columns(local, here, student.shape[1])
+        stats = logit_kernels.sparse_row_stats(student, sorted_cols, bounds, shard.valid, temperature)
+        top, sums = _merged_partials(stats[:, 0:3:2], [(stats[:, 1], 0), (stats[:, 3], 1)], shard)
+        log_z = torch.log(sums)  # over all columns and over the rest (−inf: no rest id)
+        at_ids = student.gather(1, local.clamp(0, max(shard.valid - 1, 0))).float().masked_fill(~here, 0.0)
+        if shard.group is not None:
+            dist.all_reduce(at_ids, op=dist.ReduceOp.SUM, group=shard.group)
+        # x − max − log Σexp as a log-softmax takes it: the max's magnitude does not enter the rounding
+        picked = (at_ids * (1.0 / temperature) - top[:, :1] - log_z[:, :1]).masked_fill(~valid, -math.inf)
+        log_tail_q = (top[:, 1] - top[:, 0]) + (log_z[:, 1] - log_z[:, 0])
+        lse = top[:, 0] + log_z[:, 0]
+        rest_ids = shard.vocab - valid.sum(-1)
+        ce, lse1, label_cols = _fused_ce(student, labels, lse, temperature, shard)
+        total = torch.stack([(w * (ce if spec.kind == "ce" else _sparse_partition_terms(
+            picked, log_tail_q, logprobs, log_tail, valid, rest_ids, spec))).sum() for spec, w in zip(specs, weights)])
+        ctx.save_for_backward(student, logprobs, log_tail, labels, label_cols, weights, valid, rest_ids, picked,
+                              log_tail_q, top, log_z, lse1, sorted_cols, order, bounds)
+        ctx.specs, ctx.shard, ctx.temperature = specs, shard, temperature
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        from . import logit_kernels
+
+        (student, logprobs, log_tail, labels, label_cols, weights, valid, rest_ids, picked, log_tail_q, top, log_z,
+         lse1, sorted_cols, order, bounds) = ctx.saved_tensors
+        T = ctx.temperature
+        coefficient = grad_total.to(weights.dtype).unsqueeze(1) * weights  # [K, n]
+        # The partition's own gradient, on [n, k + 1] in float64 (the tail's coefficient below cancels, by ~10³ for
+        # reverse KL at T < 1 over a large vocabulary, which float32 gradients would carry into every rest column),
+        # one component at a time (one graph of [n, k + 1] temporaries alive)
+        picked_leaf = picked.double().requires_grad_(True)
+        tail_leaf = log_tail_q.double().requires_grad_(True)
+        grad_picked, grad_tail = torch.zeros_like(picked_leaf), torch.zeros_like(tail_leaf)
+        for k, spec in enumerate(ctx.specs):
+            if spec.kind != "ce":
+                with torch.enable_grad():
+                    partial = (coefficient[k].double() * _sparse_partition_terms(
+                        picked_leaf, tail_leaf, logprobs.double(), log_tail.double(), valid, rest_ids, spec)).sum()
+                    grads = torch.autograd.grad(partial, (picked_leaf, tail_leaf))
+                grad_picked += grads[0]
+                grad_tail += grads[1]
+        # picked = x[id] − log Z and log_tail_q = log Σ_rest exp(x) − log Z with x = s/T, so ∂/∂s_j is (1/T)·(the
+        # picked gradient of j's slots + c·q_j, + grad_tail·q_j/q_tail on the rest), c = −(Σ grad_picked + grad_tail):
+        # c_q = c/T on the stored columns, c_rest = (c·q_tail + grad_tail)/T on the rest
+        c = -(grad_picked.sum(-1) + grad_tail)
+        c_rest = (c * torch.exp(tail_leaf.detach()) + grad_tail) / T
+        has_rest = torch.isfinite(log_z[:, 1])
+        zeros = torch.zeros_like(lse1)
+        ce = [k for k, spec in enumerate(ctx.specs) if spec.kind == "ce"]
+        c_ce = sum(coefficient[k] for k in ce) * (labels != IGNORE_INDEX) if ce else zeros
+        rows = torch.stack([top[:, 0], log_z[:, 0], top[:, 1], torch.where(has_rest, log_z[:, 1], zeros),
+                            (c / T).float(), c_rest.float(), lse1, c_ce], 1)
+        slot_grad = (grad_picked / T).float().gather(1, order)  # in the order of the sorted columns
+        grad = logit_kernels.sparse_logits_grad(student, sorted_cols, slot_grad, bounds, rows, label_cols,
+                                                ctx.shard.valid, T, has_ce=bool(ce))
+        return grad, None, None, None, None, None, None, None
+
+
 def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                         teacher_log_tail: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
-                        vocab_size: int | None = None, tp_group: dist.ProcessGroup | None = None,
-                        chunk_size: int = 512) -> torch.Tensor:
+                        labels: torch.Tensor | None = None, vocab_size: int | None = None,
+                        tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512,
+                        backend: str = "auto") -> torch.Tensor:
     """``Σ_t w_t · ℓ_t`` for each of ``losses`` against a stored (offline) teacher; returns [K].
 
     The teacher is its top-k ``teacher_ids`` [..., k] (global ids, distinct, below ``vocab_size``; −1 marks a
@@ -640,16 +757,27 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     the student's softmax(z/T) is exact; the teacher's top-k scale as p^(1/T) and its tail is taken as spread
     evenly over the other ids, both renormalised. T² scaling, weights, vocab-parallel student logits (stored
     ids are routed to the shard that owns them; only [n, k] values cross ranks), chunking and the gradient
-    convention are those of :func:`logit_losses`. ``ce`` needs no teacher: use :func:`logit_losses`.
+    convention are those of :func:`logit_losses`. ``ce`` needs no teacher: it is that of :func:`logit_losses` on
+    the student logits at ``labels`` (the leading shape, ids or −100), computed here so that the fused path reads
+    the logits once for all components.
+
+    ``backend``: ``torch`` (the chunked reference above, ``ce`` through ``logit_losses``), ``fused`` (the Triton
+    kernels of ``ops.logit_kernels``: the four kinds at one temperature and ``ce``, bf16/fp16/fp32; one streaming
+    pass over the student logits for its log-sum-exp over the vocabulary and over the ids not stored, the
+    partition losses on [tokens, k + 1] values, the gradient written in one pass; no float32 copy of the logits,
+    so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA when the kinds and dtype allow it, torch
+    otherwise), as for :func:`logit_losses`.
     """
     specs = tuple(losses)
     if not specs:
         raise ValueError("sparse_logit_losses needs at least one LogitLoss")
-    for spec in specs:
-        if spec.kind not in SPARSE_KINDS:
-            raise ValueError(f"{spec.kind} is not a sparse teacher loss; expected one of {SPARSE_KINDS}")
+    if backend not in LOGIT_LOSS_BACKENDS:
+        raise ValueError(f"logit loss backend {backend!r}: choose one of {LOGIT_LOSS_BACKENDS}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if all(spec.kind == "ce" for spec in specs):  # nothing of the teacher's
+        return logit_losses(student_logits, None, specs, weights, labels=labels, vocab_size=vocab_size,
+                            tp_group=tp_group, chunk_size=chunk_size, backend=backend)
     lead, local_vocab = student_logits.shape[:-1], student_logits.shape[-1]
     k = teacher_ids.shape[-1]
     if teacher_ids.shape != (*lead, k) or teacher_logprobs.shape != teacher_ids.shape:
@@ -662,6 +790,30 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     if k > shard.vocab or bool(((teacher_ids < -1) | (teacher_ids >= shard.vocab)).any()):
         raise ValueError(f"teacher ids must be {k} ≤ {shard.vocab} distinct ids in [0, {shard.vocab}) or -1 "
                          "(padding)")
-    return _ChunkedSparseLosses.apply(
+    flat_labels = _checked_labels(labels, specs, lead, shard)
+    unsupported = fused_unsupported(specs, student_logits.dtype, LOGIT_LOSS_KINDS)
+    if backend == "fused" and unsupported:
+        raise ValueError(unsupported)
+    if backend == "fused" or (backend == "auto" and student_logits.is_cuda and not unsupported):
+        student = student_logits.reshape(-1, local_vocab)
+        return _FusedSparseLosses.apply(
+            student if student.stride(-1) == 1 else student.contiguous(), teacher_ids.reshape(-1, k),
+            teacher_logprobs.detach().reshape(-1, k).float(), teacher_log_tail.detach().reshape(-1).float(),
+            flat_labels, weights.detach().reshape(len(specs), -1).float(), specs, shard)
+    sums = [None] * len(specs)
+    ce = [i for i, spec in enumerate(specs) if spec.kind == "ce"]
+    taught = [i for i, spec in enumerate(specs) if spec.kind != "ce"]
+    if ce:
+        values = logit_losses(student_logits, None, [specs[i] for i in ce], torch.stack([weights[i] for i in ce]),
+                              labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size,
+                              backend="torch")
+        for i, value in zip(ce, values):
+            sums[i] = value
+    values = _ChunkedSparseLosses.apply(
         student_logits.reshape(-1, local_vocab), teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k),
-        teacher_log_tail.detach().reshape(-1), weights.detach().reshape(len(specs), -1), specs, shard, chunk_size)
+        teacher_log_tail.detach().reshape(-1),
+        torch.stack([weights[i] for i in taught]).detach().reshape(len(taught), -1),
+        tuple(specs[i] for i in taught), shard, chunk_size)
+    for i, value in zip(taught, values):
+        sums[i] = value
+    return torch.stack(sums)

@@ -149,22 +149,10 @@ class SparseTargets:
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
                      chunk_size: int) -> torch.Tensor:
-        """The teacher losses on the stored partition; ``ce`` (teacher-free) on the dense student logits."""
-        ce = [i for i, spec in enumerate(losses) if spec.kind == "ce"]
-        stored = [i for i in range(len(losses)) if i not in ce]
-        sums = [None] * len(losses)
-        if ce:
-            values = logit_losses(student_logits, None, [losses[i] for i in ce], weights, labels=labels,
-                                  vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size)
-            for i, value in zip(ce, values):
-                sums[i] = value
-        if stored:
-            values = sparse_logit_losses(student_logits, self.ids, self.logprobs, self.log_tail,
-                                         [losses[i] for i in stored], weights, vocab_size=vocab_size,
-                                         tp_group=tp_group, chunk_size=chunk_size)
-            for i, value in zip(stored, values):
-                sums[i] = value
-        return torch.stack(sums)
+        """The teacher losses on the stored partition; ``ce`` (teacher-free) on the dense student logits, in the same
+        call (the fused path reads the logits once for all of them)."""
+        return sparse_logit_losses(student_logits, self.ids, self.logprobs, self.log_tail, losses, weights,
+                                   labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size)
 
 
 class OfflineTeacher:
