@@ -761,7 +761,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     the student logits at ``labels`` (the leading shape, ids or −100), computed here so that the fused path reads
     the logits once for all components.
 
-    ``backend``: ``torch`` (the chunked reference above, ``ce`` through ``logit_losses``), ``fused`` (the Triton
+    ``backend``: ``torch`` (the chunked reference above, ``ce`` through :func:`logit_losses`), ``fused`` (the Triton
     kernels of ``ops.logit_kernels``: the four kinds at one temperature and ``ce``, bf16/fp16/fp32; one streaming
     pass over the student logits for its log-sum-exp over the vocabulary and over the ids not stored, the
     partition losses on [tokens, k + 1] values, the gradient written in one pass; no float32 copy of the logits,
@@ -803,10 +803,10 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     sums = [None] * len(specs)
     ce = [i for i, spec in enumerate(specs) if spec.kind == "ce"]
     taught = [i for i, spec in enumerate(specs) if spec.kind != "ce"]
-    if ce:
+    if ce:  # alone, ce may still be fused (auto on CUDA)
         values = logit_losses(student_logits, None, [specs[i] for i in ce], torch.stack([weights[i] for i in ce]),
                               labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size,
-                              backend="torch")
+                              backend=backend)
         for i, value in zip(ce, values):
             sums[i] = value
     values = _ChunkedSparseLosses.apply(
