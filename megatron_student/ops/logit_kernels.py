@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the logit losses of :func:`megatron_student.ops.losses.logit_losses`: forward and
+"""Fused Triton kernels for the dense logit losses of :func:`megatron_student.ops.losses.logit_losses`: forward and
 reverse KL at one temperature T and CE at the label, reading the bf16 (or fp16/fp32) student and teacher logits once
 per pass with a streaming log-sum-exp over the vocabulary, and never creating a float32 [tokens, vocabulary] tensor.
 
