@@ -714,12 +714,13 @@ class _FusedSparseLosses(torch.autograd.Function):
         # one component at a time (one graph of [n, k + 1] temporaries alive)
         picked_leaf = picked.double().requires_grad_(True)
         tail_leaf = log_tail_q.double().requires_grad_(True)
+        teacher, teacher_tail = logprobs.double(), log_tail.double()
         grad_picked, grad_tail = torch.zeros_like(picked_leaf), torch.zeros_like(tail_leaf)
         for k, spec in enumerate(ctx.specs):
             if spec.kind != "ce":
                 with torch.enable_grad():
                     partial = (coefficient[k].double() * _sparse_partition_terms(
-                        picked_leaf, tail_leaf, logprobs.double(), log_tail.double(), valid, rest_ids, spec)).sum()
+                        picked_leaf, tail_leaf, teacher, teacher_tail, valid, rest_ids, spec)).sum()
                     grads = torch.autograd.grad(partial, (picked_leaf, tail_leaf))
                 grad_picked += grads[0]
                 grad_tail += grads[1]
