@@ -37,6 +37,22 @@ def test_flex_matches_reference_forward_and_backward(window, packed):
         assert rel(a, b) < 2e-2, name
 
 
+def test_flex_serves_many_prompt_lengths_then_a_long_one():
+    """Evaluation prefills prompts of every length: more than dynamo's recompile limit of distinct lengths must not
+    push FlexAttention onto its eager path, which materialises the [T, T] scores (the long prompt would not fit)."""
+    torch.manual_seed(3)
+    Hq, Hkv, D = 64, 8, 64
+    for T in [130 + 37 * i for i in range(12)] + [65536]:
+        q = torch.randn(1, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        sinks = torch.randn(Hq, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        out = sink_attention(q, k, v, sinks, window=128, backend="flex")
+        assert torch.cuda.max_memory_allocated() < 4 * 2**30, T  # eager scores at 64k: 64 heads x 64k x 64k
+        if T < 1000:
+            assert rel(out, sink_attention(q, k, v, sinks, window=128, backend="reference")) < 1e-2, T
+
+
 def test_student_layers_on_gpu_match_cpu_reference(tmp_path):
     """SWA+TPA and KDA student layers: bf16 GPU fast paths vs the fp32 CPU reference on the same weights."""
     from transformers import GptOssConfig

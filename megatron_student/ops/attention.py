@@ -126,7 +126,10 @@ except ImportError:
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: the first shape gets a static kernel (training's one packed length); the first other length
+    # recompiles once with the length symbolic. dynamic=False recompiled per prompt length in evaluation, and after
+    # dynamo's recompile limit (8) flex_attention ran eagerly, materialising [T, T] scores (64 GiB at 32k tokens).
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def flex_attention_used() -> bool:
