@@ -3,7 +3,8 @@
 Every layer is RMSNorm → attention (``attention.py``, chosen per layer from the plan or gpt-oss ``layer_types``)
 → RMSNorm → Megatron ``MoELayer`` (experts with biases: grouped GEMMs (``experts.GroupedExperts``) or Megatron's
 per-expert ``SequentialMLP``, one checkpoint layout; the gpt-oss router, clamped SwiGLU on Megatron's [gate; up]
-layout, allgather or alltoall dispatcher, expert parallelism). Embedding and output layer are
+layout; Megatron's allgather or alltoall dispatcher, or at EP = 1 the sync-free ``dispatch.SortedMoELayer``; expert
+parallelism). Embedding and output layer are
 Megatron's vocab-parallel ones (untied); position information lives in the attention modules (YaRN / GRAPE-M), so
 ``position_embedding_type='none'``.
 """
@@ -35,8 +36,11 @@ from ..student.spec import AttentionSpec, layer_specs
 from ..teacher.config import swiglu_limit
 from . import compat
 from .attention import parallel_attention_class
+from .dispatch import SortedMoELayer
 from .experts import EXPERT_IMPLEMENTATIONS, GroupedExperts
 from .layers import ClampedSwiGLU, GptOssRouter, ParallelRMSNorm, padded_vocab_size
+
+DISPATCHERS = ("auto", "sorted", "allgather", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class ParallelConfig:
     expert_parallel: int = 1
     context_parallel: int = 1  # contiguous sequence chunks (ops.context_parallel); batch 1 packed sequences
     sequence_parallel: bool | None = None
-    dispatcher: str = "allgather"  # or "alltoall"
+    # token dispatch: "sorted" (dispatch.SortedMoELayer: no host sync; EP = 1 only), Megatron's "allgather" or
+    # "alltoall", or "auto": sorted at EP = 1, allgather otherwise
+    dispatcher: str = "auto"
     params_dtype: torch.dtype = torch.float32
     make_vocab_size_divisible_by: int = 128
     attention_backend: str = "auto"  # ops.attention.sink_attention backend
@@ -64,6 +70,18 @@ class ParallelConfig:
     @property
     def uses_sequence_parallel(self) -> bool:
         return self.tensor_parallel > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+    @property
+    def token_dispatcher(self) -> str:
+        """The dispatcher ``dispatcher`` resolves to: sorted, allgather or alltoall."""
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"dispatcher {self.dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
+        if self.dispatcher == "auto":
+            return "sorted" if self.expert_parallel == 1 else "allgather"
+        if self.dispatcher == "sorted" and self.expert_parallel != 1:
+            raise ValueError(f"dispatcher 'sorted' needs expert parallelism 1 (got EP {self.expert_parallel}): use "
+                             "allgather or alltoall")
+        return self.dispatcher
 
     @property
     def grouped_experts(self) -> bool:
@@ -104,8 +122,7 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     if parallel.recompute not in (None, "full") or parallel.recompute_method not in ("uniform", "block"):
         raise ValueError(f"recompute {parallel.recompute!r} / {parallel.recompute_method!r}: choose None or 'full', "
                          "and 'uniform' or 'block'")
-    if parallel.dispatcher not in ("allgather", "alltoall"):
-        raise ValueError(f"dispatcher {parallel.dispatcher!r}: choose allgather or alltoall")
+    dispatcher = parallel.token_dispatcher
     if hf_config.num_local_experts % parallel.expert_parallel:
         raise ValueError(f"num_local_experts={hf_config.num_local_experts} is not divisible by EP={parallel.expert_parallel}")
     return TransformerConfig(
@@ -122,7 +139,8 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
         moe_router_pre_softmax=False,
         moe_router_score_function="softmax",
         moe_router_dtype="fp32",
-        moe_token_dispatcher_type=parallel.dispatcher,
+        # the sorted dispatch replaces Megatron's after MoELayer built its allgather one (which needs no CUDA stream)
+        moe_token_dispatcher_type="allgather" if dispatcher == "sorted" else dispatcher,
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         moe_aux_loss_coeff=0.0,
@@ -155,7 +173,7 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     )
 
 
-def moe_spec(swiglu_limit: float, grouped_experts: bool = False) -> ModuleSpec:
+def moe_spec(swiglu_limit: float, grouped_experts: bool = False, sorted_dispatch: bool = False) -> ModuleSpec:
     experts = ModuleSpec(
         module=GroupedExperts if grouped_experts else SequentialMLP,
         submodules=MLPSubmodules(
@@ -164,11 +182,12 @@ def moe_spec(swiglu_limit: float, grouped_experts: bool = False) -> ModuleSpec:
             activation_func=ModuleSpec(module=ClampedSwiGLU, params={"limit": float(swiglu_limit)}),
         ),
     )
-    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
+    return ModuleSpec(module=SortedMoELayer if sorted_dispatch else MoELayer,
+                      submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
 
 
 def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "auto",
-               grouped_experts: bool = False) -> ModuleSpec:
+               grouped_experts: bool = False, sorted_dispatch: bool = False) -> ModuleSpec:
     """One decoder layer: its attention from the layer's spec (``student.spec``), the gpt-oss MoE."""
     return ModuleSpec(
         module=TransformerLayer,
@@ -178,7 +197,7 @@ def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "au
                                       params={"attention_spec": attention, "backend": backend}),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=ParallelRMSNorm,
-            mlp=moe_spec(swiglu_limit, grouped_experts),
+            mlp=moe_spec(swiglu_limit, grouped_experts, sorted_dispatch),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -194,7 +213,8 @@ def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
         raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
     config = transformer_config(hf_config, parallel)
     limit = swiglu_limit(hf_config)
-    specs = [layer_spec(attention, limit, parallel.attention_backend, parallel.grouped_experts)
+    specs = [layer_spec(attention, limit, parallel.attention_backend, parallel.grouped_experts,
+                        parallel.token_dispatcher == "sorted")
              for attention in layer_specs(hf_config)]
     offset = get_transformer_layer_offset(config)
     local = specs[offset: offset + get_num_layers_to_build(config)]
