@@ -11,6 +11,10 @@ Context parallelism (CP ranks share one DP rank's samples): each CP rank keeps t
 ``[r·N/CP, (r+1)·N/CP)`` of the flattened stream (``ops.context_parallel``'s layout) — tokens, labels, weights and
 token counts are the chunk's, ``offset`` says where it starts — while ``packed`` keeps the documents of the whole
 stream: documents cross chunk boundaries, and the attention modules place the chunk inside them.
+
+A micro-batch is built on the host and copied to the GPU without waiting for it (``host_syncs.to_device_async``:
+the previous step's optimizer update may still be running); its document boundaries stay on the host too
+(``PackedDocuments.cu_seqlens_cpu``), so no layer reads them back from the GPU.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
+from ..host_syncs import to_device_async
+from ..megatron.attention import PackedDocuments
 from ..ops.losses import IGNORE_INDEX, token_weights
 from .config import ConfigError, TrainConfig
 
@@ -31,7 +36,7 @@ from .config import ConfigError, TrainConfig
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [1, N] (N = B·S; under CP this rank's chunk, N = B·S / CP, as every per-token field)
-    packed: PackedSeqParams
+    packed: PackedDocuments
     targets: torch.Tensor  # [N] next-token labels (−100: not trained)
     weights: torch.Tensor  # [N] float32 loss weights
     num_tokens: int  # real (unpadded) tokens
@@ -77,12 +82,11 @@ def make_micro_batch(items: list[dict], channels, device: torch.device,
     weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0)[window],
                             final_channel=channels.final, analysis_channel=channels.analysis,
                             other_channel=channels.other)
-    cu32 = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
-                             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
-    return MicroBatch(batch["input_ids"].reshape(1, -1)[:, window].to(device), packed, targets.to(device),
-                      weights.to(device), int(real.sum()), int((analysis & (targets != IGNORE_INDEX)).sum()),
-                      int((final & (targets != IGNORE_INDEX)).sum()), offset=window.start)
+    return MicroBatch(to_device_async(batch["input_ids"].reshape(1, -1)[:, window], device),
+                      PackedDocuments.of(batch["cu_seqlens"], device), to_device_async(targets, device),
+                      to_device_async(weights, device), int(real.sum()),
+                      int((analysis & (targets != IGNORE_INDEX)).sum()), int((final & (targets != IGNORE_INDEX)).sum()),
+                      offset=window.start)
 
 
 def read_micro_batch(dataset: HarmonyPackedDataset, samples: list[int], channels, device: torch.device,
