@@ -343,7 +343,7 @@ class _FusedLogitLosses(torch.autograd.Function):
 def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, losses: Sequence[LogitLoss],
                  weights: torch.Tensor, *, labels: torch.Tensor | None = None, vocab_size: int | None = None,
                  tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
     """``Σ_t w_t · ℓ_t`` for each of ``losses`` in one chunked pass over vocab-parallel logits; returns [K].
 
     ``student_logits``/``teacher_logits``: ``[..., V_local]`` (the same shape; the teacher is never
@@ -357,6 +357,9 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     forward and reverse KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1``
     on the CPU; no float32 copy of the logits at all, so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA
     when the kinds and dtype allow it, torch otherwise).
+
+    ``check_labels``: refuse labels outside [0, ``vocab_size``) other than −100 (a host read of a CUDA tensor);
+    False when the caller has checked them on the host already (the trainer, as it builds each micro-batch).
     """
     specs = tuple(losses)
     if not specs:
@@ -377,7 +380,7 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     if any(s.kind == "ce" for s in specs):
         if labels is None or labels.shape != lead:
             raise ValueError(f"ce needs labels of shape {tuple(lead)}")
-        if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
+        if check_labels and bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
             raise ValueError(f"labels must be −100 or ids in [0, {shard.vocab})")
         labels = labels.reshape(-1)
     else:

@@ -60,7 +60,10 @@ class ContextChunk:
 
 
 def make_micro_batch(items: list[dict], channels, device: torch.device,
-                     chunk: ContextChunk = ContextChunk()) -> MicroBatch:
+                     chunk: ContextChunk = ContextChunk(), vocab_size: int | None = None,
+                     source: str = "micro-batch") -> MicroBatch:
+    """``vocab_size``: check the labels against it here, on the host (the losses then need not read them back
+    from the GPU); ``source`` names the rows in that error."""
     batch = collate_packed(items)
     cu = batch["cu_seqlens"].to(torch.int64)
     rows, seq_len = batch["input_ids"].shape
@@ -78,6 +81,11 @@ def make_micro_batch(items: list[dict], channels, device: torch.device,
     window = chunk.window(n)
     real = (torch.arange(seq_len) < batch["num_tokens"][:, None]).reshape(-1)[window]  # not row padding
     targets = shifted("labels", IGNORE_INDEX)[window]
+    if vocab_size is not None:
+        bad = targets[(targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))]
+        if bad.numel():
+            raise ValueError(f"{source}: label id {int(bad[0])} is outside the student's vocabulary [0, {vocab_size}) "
+                             f"(and not {IGNORE_INDEX})")
     analysis, final = shifted("analysis_mask", False)[window], shifted("final_mask", False)[window]
     weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0)[window],
                             final_channel=channels.final, analysis_channel=channels.analysis,
@@ -90,16 +98,18 @@ def make_micro_batch(items: list[dict], channels, device: torch.device,
 
 
 def read_micro_batch(dataset: HarmonyPackedDataset, samples: list[int], channels, device: torch.device,
-                     chunk: ContextChunk = ContextChunk()) -> MicroBatch:
+                     chunk: ContextChunk = ContextChunk(), vocab_size: int | None = None) -> MicroBatch:
     """The micro-batch of ``samples`` of ``dataset`` (this CP rank's chunk of it), naming where its rows come
-    from."""
-    mb = make_micro_batch([dataset[i] for i in samples], channels, device, chunk)
+    from; labels checked against ``vocab_size`` when given."""
+    mb = make_micro_batch([dataset[i] for i in samples], channels, device, chunk, vocab_size,
+                          f"{dataset.directory} samples {list(samples)}")
     return dataclasses.replace(mb, split=dataset.directory.name, samples=tuple(int(i) for i in samples))
 
 
 class BatchStream:
     """Micro-batches of ``micro_batch`` samples in the sampler's order, across epochs; ``state_dict`` is the
-    sampler's position (a resume continues with the next sample)."""
+    sampler's position (a resume continues with the next sample). ``vocab_size`` (set once the student is known):
+    every micro-batch's labels are checked against it as it is built."""
 
     def __init__(self, dataset: HarmonyPackedDataset, sampler: ResumableSampler, micro_batch: int, channels,
                  device: torch.device, chunk: ContextChunk = ContextChunk()):
@@ -108,6 +118,7 @@ class BatchStream:
                              "data-parallel ranks")
         self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
         self.channels, self.device, self.chunk = channels, device, chunk
+        self.vocab_size: int | None = None
         self._iter = None
 
     def next_samples(self) -> list[int]:
@@ -129,7 +140,8 @@ class BatchStream:
         return [ahead.next_samples() for _ in range(micro_batches)]
 
     def next_micro_batch(self) -> MicroBatch:
-        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk)
+        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk,
+                                self.vocab_size)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
