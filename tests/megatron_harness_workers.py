@@ -273,7 +273,7 @@ def dispatch_worker(rank: int, world: int, which: str, plan, tp: int, seed: int,
     same weights. Per dispatcher (every rank): logits of a packed two-document batch, the gradients of a random-weighted
     logit sum (gathered to the global layout), the router statistics of that forward (``RouterStats`` counts), and
     for layer 0's MoE layer called directly: its output and the gradients of its input and router probabilities."""
-    from megatron_student.megatron.dispatch import SortedMoELayer
+    from megatron_student.megatron.dispatch import SortedTokenDispatcher
     from megatron_student.train.metrics import RouterStats
 
     _, sequence, params = packed(seed + 200, lengths=(21, 43))
@@ -281,7 +281,7 @@ def dispatch_worker(rank: int, world: int, which: str, plan, tp: int, seed: int,
     for dispatcher in ("allgather", "sorted"):
         model = build(which, plan, tp, 1, seed, experts, dispatcher)
         layer = model.decoder.layers[0].mlp
-        assert isinstance(layer, SortedMoELayer) == (dispatcher == "sorted")
+        assert isinstance(layer.token_dispatcher, SortedTokenDispatcher) == (dispatcher == "sorted")
         stats = RouterStats(model, min_entropy=0.0)
         logits = model(sequence, None, None, packed_seq_params=params)
         weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + tp))

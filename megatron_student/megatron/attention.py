@@ -140,7 +140,10 @@ class _TensorParallelAttention(MegatronModule):
         return token_positions(x.shape[1], x.device, cu_seqlens) if cp is None else cp.local_positions(x.device)
 
     def _cos_sin(self, ids: torch.Tensor, inv_freq: torch.Tensor | None = None):
-        inv_freq = self._inv_freq.to(ids.device) if inv_freq is None else inv_freq
+        if inv_freq is None:
+            if self._inv_freq.device != ids.device:  # moved once: a copy per call would wait for the GPU each time
+                self._inv_freq = self._inv_freq.to(ids.device)
+            inv_freq = self._inv_freq
         return rope_cos_sin(ids[None], inv_freq, self.spec.rope.concentration)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

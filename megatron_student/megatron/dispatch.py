@@ -11,17 +11,19 @@ device offsets), and each token's k weighted outputs are summed back. The sorted
 produces (expert-major, tokens ascending), so the experts see the same rows; only the final sum over a token's k
 outputs runs in another order.
 
-:class:`SortedMoELayer` is Megatron's ``MoELayer`` (its router, experts, forward, recompute and checkpoint layout)
-with that dispatcher; ``model.moe_spec`` builds it when ``ParallelConfig.token_dispatcher`` is ``sorted``
-(``parallel.dispatcher: auto`` at EP = 1). Router statistics and the router's own losses see the router's output,
+Megatron's ``MoELayer`` (its router, experts, forward, recompute and checkpoint layout) runs with that dispatcher;
+``model`` installs it
+(:func:`install_sorted_dispatch`) when ``ParallelConfig.token_dispatcher`` is ``sorted`` (``parallel.dispatcher:
+auto`` at EP = 1). Router statistics and the router's own losses see the router's output,
 which the dispatcher does not change.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from ..ops.moe import ExpertSort
@@ -40,8 +42,8 @@ class SortedTokenDispatcher(MoETokenDispatcher):
     ``dispatch_postprocess`` gives the experts their rows sorted by expert, the per-expert counts as a device tensor
     and each row's routing weight; ``combine_preprocess`` sums every token's k weighted expert outputs."""
 
-    def __init__(self, num_local_experts: int, config, pg_collection=None):
-        super().__init__(config=config, pg_collection=pg_collection or get_default_pg_collection())
+    def __init__(self, num_local_experts: int, config, pg_collection):
+        super().__init__(config=config, pg_collection=pg_collection)
         if self.ep_size != 1 or self.tp_size != 1:
             raise ValueError(f"the sorted token dispatcher needs expert parallelism 1 and expert TP 1, got EP "
                              f"{self.ep_size}, expert TP {self.tp_size}: use the allgather or alltoall dispatcher")
@@ -76,13 +78,20 @@ class SortedTokenDispatcher(MoETokenDispatcher):
         return hidden_states.view(self.hidden_shape)
 
 
-class SortedMoELayer(MoELayer):
-    """``MoELayer`` with :class:`SortedTokenDispatcher` in place of the dispatcher Megatron builds from
-    ``config.moe_token_dispatcher_type``. The router must give exactly k experts per token (``GptOssRouter``)."""
-
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        super().__init__(config, submodules, layer_number, pg_collection)
-        if not isinstance(self.router, GptOssRouter):
-            raise TypeError(f"SortedMoELayer needs a router with exactly top-k experts per token (GptOssRouter), "
-                            f"got {type(self.router).__name__}")
-        self.token_dispatcher = SortedTokenDispatcher(self.num_local_experts, config, pg_collection)
+def install_sorted_dispatch(model: torch.nn.Module) -> int:
+    """Give every ``MoELayer`` of ``model`` a :class:`SortedTokenDispatcher` in place of the one Megatron built
+    from ``config.moe_token_dispatcher_type`` (same process groups); returns how many. A module swap after the
+    build, not a ``MoELayer`` subclass in the spec: ``TransformerLayer`` hands its process groups only to the exact
+    Megatron MLP classes. The routers must give exactly k experts per token (``GptOssRouter``)."""
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, MoELayer):
+            continue
+        if not isinstance(module.router, GptOssRouter):
+            raise TypeError(f"{name}: the sorted token dispatch needs a router with exactly top-k experts per token "
+                            f"(GptOssRouter), got {type(module.router).__name__}")
+        built = module.token_dispatcher
+        groups = SimpleNamespace(ep=built.ep_group, expt_tp=built.tp_group, tp_ep=built.tp_ep_group)
+        module.token_dispatcher = SortedTokenDispatcher(module.num_local_experts, module.config, groups)
+        count += 1
+    return count

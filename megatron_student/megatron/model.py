@@ -3,8 +3,8 @@
 Every layer is RMSNorm → attention (``attention.py``, chosen per layer from the plan or gpt-oss ``layer_types``)
 → RMSNorm → Megatron ``MoELayer`` (experts with biases: grouped GEMMs (``experts.GroupedExperts``) or Megatron's
 per-expert ``SequentialMLP``, one checkpoint layout; the gpt-oss router, clamped SwiGLU on Megatron's [gate; up]
-layout; Megatron's allgather or alltoall dispatcher, or at EP = 1 the sync-free ``dispatch.SortedMoELayer``; expert
-parallelism). Embedding and output layer are
+layout; Megatron's allgather or alltoall dispatcher, or at EP = 1 the sync-free ``dispatch.SortedTokenDispatcher``;
+expert parallelism). Embedding and output layer are
 Megatron's vocab-parallel ones (untied); position information lives in the attention modules (YaRN / GRAPE-M), so
 ``position_embedding_type='none'``.
 """
@@ -36,7 +36,7 @@ from ..student.spec import AttentionSpec, layer_specs
 from ..teacher.config import swiglu_limit
 from . import compat
 from .attention import parallel_attention_class
-from .dispatch import SortedMoELayer
+from .dispatch import install_sorted_dispatch
 from .experts import EXPERT_IMPLEMENTATIONS, GroupedExperts
 from .layers import ClampedSwiGLU, GptOssRouter, ParallelRMSNorm, padded_vocab_size
 
@@ -53,7 +53,7 @@ class ParallelConfig:
     expert_parallel: int = 1
     context_parallel: int = 1  # contiguous sequence chunks (ops.context_parallel); batch 1 packed sequences
     sequence_parallel: bool | None = None
-    # token dispatch: "sorted" (dispatch.SortedMoELayer: no host sync; EP = 1 only), Megatron's "allgather" or
+    # token dispatch: "sorted" (dispatch.SortedTokenDispatcher: no host sync; EP = 1 only), Megatron's "allgather" or
     # "alltoall", or "auto": sorted at EP = 1, allgather otherwise
     dispatcher: str = "auto"
     params_dtype: torch.dtype = torch.float32
@@ -139,7 +139,8 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
         moe_router_pre_softmax=False,
         moe_router_score_function="softmax",
         moe_router_dtype="fp32",
-        # the sorted dispatch replaces Megatron's after MoELayer built its allgather one (which needs no CUDA stream)
+        # the sorted dispatch replaces Megatron's after the build (install_sorted_dispatch); allgather needs no CUDA
+        # stream to build
         moe_token_dispatcher_type="allgather" if dispatcher == "sorted" else dispatcher,
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
@@ -173,7 +174,7 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     )
 
 
-def moe_spec(swiglu_limit: float, grouped_experts: bool = False, sorted_dispatch: bool = False) -> ModuleSpec:
+def moe_spec(swiglu_limit: float, grouped_experts: bool = False) -> ModuleSpec:
     experts = ModuleSpec(
         module=GroupedExperts if grouped_experts else SequentialMLP,
         submodules=MLPSubmodules(
@@ -182,12 +183,11 @@ def moe_spec(swiglu_limit: float, grouped_experts: bool = False, sorted_dispatch
             activation_func=ModuleSpec(module=ClampedSwiGLU, params={"limit": float(swiglu_limit)}),
         ),
     )
-    return ModuleSpec(module=SortedMoELayer if sorted_dispatch else MoELayer,
-                      submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, shared_experts=None, router=GptOssRouter))
 
 
 def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "auto",
-               grouped_experts: bool = False, sorted_dispatch: bool = False) -> ModuleSpec:
+               grouped_experts: bool = False) -> ModuleSpec:
     """One decoder layer: its attention from the layer's spec (``student.spec``), the gpt-oss MoE."""
     return ModuleSpec(
         module=TransformerLayer,
@@ -197,7 +197,7 @@ def layer_spec(attention: AttentionSpec, swiglu_limit: float, backend: str = "au
                                       params={"attention_spec": attention, "backend": backend}),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=ParallelRMSNorm,
-            mlp=moe_spec(swiglu_limit, grouped_experts, sorted_dispatch),
+            mlp=moe_spec(swiglu_limit, grouped_experts),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -213,8 +213,7 @@ def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
         raise ValueError("the initialised process groups do not match `parallel`; call initialize_parallel(parallel)")
     config = transformer_config(hf_config, parallel)
     limit = swiglu_limit(hf_config)
-    specs = [layer_spec(attention, limit, parallel.attention_backend, parallel.grouped_experts,
-                        parallel.token_dispatcher == "sorted")
+    specs = [layer_spec(attention, limit, parallel.attention_backend, parallel.grouped_experts)
              for attention in layer_specs(hf_config)]
     offset = get_transformer_layer_offset(config)
     local = specs[offset: offset + get_num_layers_to_build(config)]
@@ -229,6 +228,8 @@ def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
         position_embedding_type="none",
     )
     model.hf_vocab_size = hf_config.vocab_size
+    if parallel.token_dispatcher == "sorted":
+        install_sorted_dispatch(model)
     if parallel.recompute:
         model.embedding.register_forward_hook(_grad_requiring_output)
     return model
