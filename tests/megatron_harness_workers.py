@@ -301,3 +301,19 @@ def dispatch_worker(rank: int, world: int, which: str, plan, tp: int, seed: int,
         result["layer"] = {"out": y.detach(), "bias": bias, "x": x.grad, "probs": probs[0].grad}
         out[dispatcher] = result
     return out
+
+
+def packed_documents_worker(rank: int, world: int, which: str, plan, seed: int):
+    """TP = 1: logits and gradients of two packed documents given as Megatron's ``PackedSeqParams`` and as
+    ``PackedDocuments`` (boundaries also on the host), on the same model."""
+    from megatron_student.megatron.attention import PackedDocuments
+
+    model = build(which, plan, 1, 1, seed)
+    _, sequence, params = packed(seed + 200, lengths=(21, 43))
+    out = []
+    for packed_seq_params in (params, PackedDocuments.of(params.cu_seqlens_q, sequence.device)):
+        model.zero_grad()
+        logits = model(sequence, None, None, packed_seq_params=packed_seq_params)
+        logits.square().mean().backward()
+        out.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return out
