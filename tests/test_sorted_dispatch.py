@@ -88,7 +88,8 @@ def test_dispatcher_choice():
     from megatron_student.train.config import ConfigError, load_config
 
     assert ParallelConfig().token_dispatcher == "sorted"
-    assert ParallelConfig(expert_parallel=2).token_dispatcher == "allgather"
+    assert ParallelConfig(expert_parallel=2).token_dispatcher == ("alltoall" if torch.cuda.is_available()
+                                                                  else "allgather")
     assert ParallelConfig(expert_parallel=2, dispatcher="alltoall").token_dispatcher == "alltoall"
     assert ParallelConfig(dispatcher="allgather").token_dispatcher == "allgather"
     with pytest.raises(ValueError, match="dispatcher 'sorted' needs expert parallelism 1 \\(got EP 2\\)"):

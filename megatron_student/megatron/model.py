@@ -54,7 +54,7 @@ class ParallelConfig:
     context_parallel: int = 1  # contiguous sequence chunks (ops.context_parallel); batch 1 packed sequences
     sequence_parallel: bool | None = None
     # token dispatch: "sorted" (dispatch.SortedTokenDispatcher: no host sync; EP = 1 only), Megatron's "allgather" or
-    # "alltoall", or "auto": sorted at EP = 1, allgather otherwise
+    # "alltoall", or "auto": sorted at EP = 1, otherwise alltoall on CUDA and allgather without (alltoall needs CUDA)
     dispatcher: str = "auto"
     params_dtype: torch.dtype = torch.float32
     make_vocab_size_divisible_by: int = 128
@@ -77,7 +77,9 @@ class ParallelConfig:
         if self.dispatcher not in DISPATCHERS:
             raise ValueError(f"dispatcher {self.dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
         if self.dispatcher == "auto":
-            return "sorted" if self.expert_parallel == 1 else "allgather"
+            if self.expert_parallel == 1:
+                return "sorted"
+            return "alltoall" if torch.cuda.is_available() else "allgather"
         if self.dispatcher == "sorted" and self.expert_parallel != 1:
             raise ValueError(f"dispatcher 'sorted' needs expert parallelism 1 (got EP {self.expert_parallel}): use "
                              "allgather or alltoall")

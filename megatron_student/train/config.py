@@ -86,8 +86,8 @@ class ParallelSection:
     ``auto`` (grouped on CUDA in bf16); one checkpoint layout, so a run may switch between them.
     ``dispatcher``: MoE token dispatch. ``sorted`` (EP = 1 only): tokens sorted by expert on the device, no host
     synchronisation (``megatron.dispatch``); ``allgather``/``alltoall``: Megatron-Core's dispatchers (any EP; they
-    read routing counts on the host); ``auto``: sorted at EP = 1, allgather otherwise. No parameters of their own:
-    a checkpoint does not depend on it."""
+    read routing counts on the host); ``auto``: sorted at EP = 1, otherwise alltoall on GPU (allgather on the CPU,
+    where alltoall cannot run). No parameters of their own: a checkpoint does not depend on it."""
 
     tp: int = 1
     ep: int = 1
