@@ -81,6 +81,11 @@ def test_expert_sort_is_megatrons_permutation():
     assert torch.equal(sort.row_expert, torch.repeat_interleave(torch.arange(experts), sort.counts.long()))
     weighted = rows * permuted_probs[:, None]
     assert rel(sort.combine(weighted), unpermute(weighted, sorted_tokens, x.shape)) < TOL
+    # bf16: Megatron scatter-adds each row in bf16, the sort sums a token's k rows at once: within bf16 rounding
+    weighted = weighted.bfloat16()
+    combined = sort.combine(weighted)
+    assert combined.dtype == torch.bfloat16
+    assert rel(combined, unpermute(weighted, sorted_tokens, x.shape)) < 1e-2
 
 
 def test_dispatcher_choice():

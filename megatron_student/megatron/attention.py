@@ -57,6 +57,8 @@ class PackedDocuments(PackedSeqParams):
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor, device: torch.device) -> PackedDocuments:
         """From host boundaries [0, …, N]: the device copy is made without waiting for the GPU."""
+        if cu_seqlens.device.type != "cpu":
+            raise ValueError(f"PackedDocuments.of takes the boundaries on the host, got a tensor on {cu_seqlens.device}")
         host = cu_seqlens.to(torch.int64)
         on_device = to_device_async(cu_seqlens.to(torch.int32), device)
         longest = int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0

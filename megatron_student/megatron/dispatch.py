@@ -12,10 +12,9 @@ produces (expert-major, tokens ascending), so the experts see the same rows; onl
 outputs runs in another order.
 
 Megatron's ``MoELayer`` (its router, experts, forward, recompute and checkpoint layout) runs with that dispatcher;
-``model`` installs it
-(:func:`install_sorted_dispatch`) when ``ParallelConfig.token_dispatcher`` is ``sorted`` (``parallel.dispatcher:
-auto`` at EP = 1). Router statistics and the router's own losses see the router's output,
-which the dispatcher does not change.
+the model builder installs it (:func:`install_sorted_dispatch`) when ``ParallelConfig.token_dispatcher`` is
+``sorted`` (``parallel.dispatcher: auto`` at EP = 1). Router statistics and the router's own losses see the
+router's output, which the dispatcher does not change.
 """
 
 from __future__ import annotations
