@@ -77,12 +77,11 @@ class SortedTokenDispatcher(MoETokenDispatcher):
         return hidden_states.view(self.hidden_shape)
 
 
-def install_sorted_dispatch(model: torch.nn.Module) -> int:
+def install_sorted_dispatch(model: torch.nn.Module) -> None:
     """Give every ``MoELayer`` of ``model`` a :class:`SortedTokenDispatcher` in place of the one Megatron built
-    from ``config.moe_token_dispatcher_type`` (same process groups); returns how many. A module swap after the
+    from ``config.moe_token_dispatcher_type`` (same process groups). A module swap after the
     build, not a ``MoELayer`` subclass in the spec: ``TransformerLayer`` hands its process groups only to the exact
     Megatron MLP classes. The routers must give exactly k experts per token (``GptOssRouter``)."""
-    count = 0
     for name, module in model.named_modules():
         if not isinstance(module, MoELayer):
             continue
@@ -92,5 +91,3 @@ def install_sorted_dispatch(model: torch.nn.Module) -> int:
         built = module.token_dispatcher
         groups = SimpleNamespace(ep=built.ep_group, expt_tp=built.tp_group, tp_ep=built.tp_ep_group)
         module.token_dispatcher = SortedTokenDispatcher(module.num_local_experts, module.config, groups)
-        count += 1
-    return count
