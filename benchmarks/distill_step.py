@@ -1,8 +1,13 @@
 """One distillation step on one GPU, three ways, one table: the Megatron-Core path with per-expert experts
-(``SequentialMLP``) and the chunked torch logit losses (the path before issue 18), with grouped-GEMM experts
-(``GroupedExperts``) and the fused Triton logit losses (``ops.logit_kernels``, what the trainer runs on CUDA), and an
-HF-transformers + fla step as a DistillKit-style user writes it. ``grouped_torch_loss`` (not run by default) is the
-grouped path with the torch losses: the fused losses' share of the difference.
+(``SequentialMLP``), the chunked torch logit losses and Megatron's token dispatcher (the path before issue 18), with
+grouped-GEMM experts (``GroupedExperts``), the fused Triton logit losses (``ops.logit_kernels``) and the sync-free
+sorted token dispatch (``megatron.dispatch``; what the trainer runs on CUDA at EP = 1), and an HF-transformers + fla
+step as a DistillKit-style user writes it. ``grouped_megatron_dispatch`` is the grouped path with Megatron's alltoall
+dispatcher (allgather on the CPU), the dispatch's share of the difference; ``grouped_torch_loss`` (not run by
+default) the grouped path with the torch losses, the fused losses' share.
+
+Host synchronisations per step (``host_syncs.HostSyncs``: torch's CUDA sync debug mode, one extra untimed step per
+path) are counted next to the time: each one stalls the launch queue until the GPU has caught up.
 
 Shape (issue 18): gpt-oss-20b width (hidden 2880, 64/8 heads of 64, intermediate 2880, 32 experts top-4, 201,088
 vocabulary), a 4-layer slice (sliding/full alternating; the student SWA(128)+TPA / KDA), an online teacher of the
@@ -22,12 +27,12 @@ Model FLOPs per step (MFU = FLOPs / (step time × peak)): student 3 × forward, 
 attention 4·H·D per visible key, KDA chunked). Peak: ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
 
     python benchmarks/distill_step.py --output runs/distill_step [--profile] \
-        [--paths sequential grouped_torch_loss grouped hf]
+        [--paths sequential grouped_megatron_dispatch grouped_torch_loss grouped hf]
     python benchmarks/distill_step.py --tiny --output /tmp/distill_step          # CPU smoke run, small width
 
-Prints one table and writes ``<output>/distill_step.json``; ``--profile`` adds ``<output>/profile_<path>.txt`` per
-path (torch profiler: top kernels by device time, the same grouped by input shapes, host-side synchronisations, gaps
-between kernels).
+Prints one table and writes ``<output>/distill_step.json`` (with each path's sync sites); ``--profile`` adds
+``<output>/profile_<path>.txt`` per path (torch profiler: top kernels by device time, the same grouped by input
+shapes, host-side synchronisations, gaps between kernels).
 """
 
 from __future__ import annotations
@@ -52,14 +57,17 @@ from train_step import WIDTH, active_matmul_params, mixing_flops_forward  # noqa
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage_b_full_distill.yaml"
 TINY = dict(hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
             num_local_experts=8, num_experts_per_tok=4, num_hidden_layers=4, sliding_window=16, vocab_size=1024)
-PATHS = ("sequential", "grouped_torch_loss", "grouped", "hf")
-DEFAULT_PATHS = ("sequential", "grouped", "hf")
+PATHS = ("sequential", "grouped_megatron_dispatch", "grouped_torch_loss", "grouped", "hf")
+DEFAULT_PATHS = ("sequential", "grouped_megatron_dispatch", "grouped", "hf")
 LABELS = {"sequential": "megatron, SequentialMLP, torch loss (before)",
-          "grouped_torch_loss": "megatron, grouped experts, torch loss", "grouped": "megatron, grouped, fused loss",
-          "hf": "HF transformers + fla (DistillKit-style)"}
-# path → (experts, logit-loss backend); ``auto`` is the trainer's choice (fused on CUDA)
-MEGATRON_PATHS = {"sequential": ("sequential", "torch"), "grouped_torch_loss": ("grouped", "torch"),
-                  "grouped": ("grouped", "auto")}
+          "grouped_megatron_dispatch": "megatron, grouped, fused loss, megatron dispatch",
+          "grouped_torch_loss": "megatron, grouped experts, torch loss",
+          "grouped": "megatron, grouped, fused loss, sorted dispatch", "hf": "HF transformers + fla (DistillKit-style)"}
+# path → (experts, logit-loss backend, token dispatcher); ``auto`` is the trainer's choice (fused losses on CUDA; the
+# sorted dispatch at EP = 1); "megatron" is Megatron's alltoall dispatcher (allgather on the CPU: alltoall needs CUDA)
+MEGATRON_PATHS = {"sequential": ("sequential", "torch", "megatron"),
+                  "grouped_megatron_dispatch": ("grouped", "auto", "megatron"),
+                  "grouped_torch_loss": ("grouped", "torch", "auto"), "grouped": ("grouped", "auto", "auto")}
 # synchronising host calls the profile counts (each one stalls the launch queue until the GPU catches up)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
               "aten::item", "aten::nonzero", "aten::masked_select")
@@ -101,21 +109,24 @@ def step_flops(teacher_hf, student_hf, teacher_config, student_config, length: i
     return {"student_forward": student, "teacher_forward": teacher, "step": 3 * student + teacher}
 
 
-def megatron_step(experts: str, loss_backend: str, teacher_hf, student_hf, length: int, device: torch.device):
+def megatron_step(experts: str, loss_backend: str, dispatcher: str, teacher_hf, student_hf, length: int,
+                  device: torch.device):
     """The trainer's per-micro-batch work on Megatron models holding the HF weights, with ``experts``
-    (``ParallelConfig.experts``) and the logit losses' ``backend``; returns the step function."""
+    (``ParallelConfig.experts``), the logit losses' ``backend`` and the token ``dispatcher`` (``megatron``: Megatron's
+    alltoall, allgather on the CPU); returns the step function."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
                                            load_hf_weights, restore_fp32_parameters)
+    from megatron_student.megatron.attention import PackedDocuments
     from megatron_student.ops.losses import logit_losses
     from megatron_student.train.batches import MicroBatch
     from megatron_student.train.teacher_signal import OnlineTeacher
 
     cuda = device.type == "cuda"
-    parallel = ParallelConfig(params_dtype=torch.bfloat16, dispatcher="alltoall" if cuda else "allgather",
-                              experts=experts)
+    if dispatcher == "megatron":
+        dispatcher = "alltoall" if cuda else "allgather"
+    parallel = ParallelConfig(params_dtype=torch.bfloat16, dispatcher=dispatcher, experts=experts)
     initialize_parallel(parallel)
     student = build_student(student_hf.config, parallel)
     teacher = build_teacher(teacher_hf.config, parallel)
@@ -130,20 +141,19 @@ def megatron_step(experts: str, loss_backend: str, teacher_hf, student_hf, lengt
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, student_hf.config.vocab_size, (1, length + 1), generator=g).to(device)
-    cu = torch.tensor([0, length], dtype=torch.int32, device=device)
-    mb = MicroBatch(tokens[:, :-1], PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                    max_seqlen_q=length, max_seqlen_kv=length),
-                    tokens[0, 1:], torch.ones(length, device=device), length, 0, length)
+    # as the trainer's batches: document boundaries also on the host (no layer reads them back from the GPU)
+    mb = MicroBatch(tokens[:, :-1], PackedDocuments.of(torch.tensor([0, length]), device), tokens[0, 1:],
+                    torch.ones(length, device=device), length, 0, length)
     ddp.train()
 
     def step():
         ddp.zero_grad_buffer()
         targets = online.targets(mb)
         logits = ddp(mb.tokens, None, None, packed_seq_params=mb.packed)
-        # DenseTargets.logit_losses with the backend made explicit
+        # DenseTargets.logit_losses with the backend made explicit; labels checked on the host as in the trainer
         sums = logit_losses(logits[0], targets.logits, losses, mb.weights, labels=mb.targets,
                             vocab_size=student_hf.config.vocab_size, tp_group=None,
-                            chunk_size=stage.losses.chunk_size, backend=loss_backend)
+                            chunk_size=stage.losses.chunk_size, backend=loss_backend, check_labels=False)
         (sum(w * s for w, s in zip(loss_weights, sums)) / length).backward()
         finalize_model_grads([ddp])
 
@@ -233,6 +243,17 @@ def measure(step, warmup: int, iters: int, cuda: bool) -> dict:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
+def count_host_syncs(step) -> dict:
+    """One more, untimed step under torch's CUDA sync debug mode: the host synchronisations and their sites."""
+    from megatron_student.host_syncs import HostSyncs
+
+    torch.cuda.synchronize()
+    with HostSyncs() as syncs:
+        step()
+    torch.cuda.synchronize()
+    return {"total": syncs.total, "sites": dict(syncs.sites.most_common())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/distill_step"))
@@ -274,6 +295,7 @@ def main() -> None:
         step, held = (hf_step(teacher_hf, student_hf, length, device) if path == "hf"
                       else megatron_step(*MEGATRON_PATHS[path], teacher_hf, student_hf, length, device))
         result = measure(step, args.warmup, args.iters, cuda)
+        result["host_syncs"] = count_host_syncs(step) if cuda else None
         # what this path found allocated (the HF weights every path loads from; more means an earlier path leaked)
         result["allocated_before_gib"] = allocated_before
         result["tokens_per_s"] = length / (result["step_ms"] / 1e3)
@@ -282,21 +304,30 @@ def main() -> None:
             result["profile"] = profile(step, args.output / f"profile_{path}.txt")
         results[path] = result
         memory = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else "n/a"
-        print(f"  {path}: {result['step_ms']:.1f} ms, {memory}", flush=True)
+        syncs = result["host_syncs"]
+        print(f"  {path}: {result['step_ms']:.1f} ms, {memory}"
+              + (f", {syncs['total']} host syncs per step" if syncs else ""), flush=True)
+        for site, count in list(syncs["sites"].items())[:12] if syncs else ():
+            print(f"      {count:4d}  {site}", flush=True)
         del step, held  # this path's models and buffers go before the next path is built
         student_hf.zero_grad(set_to_none=True)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
 
-    print(f"\n{'path':<46}{'tokens/s':>10}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}")
+    print(f"\n{'path':<50}{'tokens/s':>10}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}{'syncs':>7}")
     for path, r in results.items():
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{LABELS[path]:<46}{r['tokens_per_s']:>10.0f}{r['step_ms']:>10.1f}{r['mfu']:>8.1%}{memory:>10}")
+        syncs = str(r["host_syncs"]["total"]) if r["host_syncs"] else "n/a"
+        print(f"{LABELS[path]:<50}{r['tokens_per_s']:>10.0f}{r['step_ms']:>10.1f}{r['mfu']:>8.1%}{memory:>10}"
+              f"{syncs:>7}")
     if "sequential" in results and "grouped" in results:
         print(f"grouped vs sequential: {results['sequential']['step_ms'] / results['grouped']['step_ms']:.2f}×"
               + (f"; grouped vs HF: {results['hf']['step_ms'] / results['grouped']['step_ms']:.2f}×"
                  if "hf" in results else ""))
+    if "grouped_megatron_dispatch" in results and "grouped" in results:
+        print(f"sorted vs Megatron dispatch: "
+              f"{results['grouped_megatron_dispatch']['step_ms'] / results['grouped']['step_ms']:.2f}×")
     summary = {"device": device_name, "torch": torch.__version__, "shape": shape, "seq_len": length,
                "flops": flops, "peak_tflops": args.peak_tflops, "warmup": args.warmup, "iters": args.iters,
                "results": results}

@@ -27,10 +27,10 @@ def packed(seed: int, lengths=(13, 19)):
     return docs, torch.cat(docs)[None], params
 
 
-def build(which: str, plan, tp: int, ep: int, seed: int, experts: str = "auto"):
-    """Process groups for (tp, ep) and a Megatron model (``experts``: ParallelConfig.experts) holding the seed's
-    random HF weights."""
-    parallel = ParallelConfig(tensor_parallel=tp, expert_parallel=ep, experts=experts)
+def build(which: str, plan, tp: int, ep: int, seed: int, experts: str = "auto", dispatcher: str = "auto"):
+    """Process groups for (tp, ep) and a Megatron model (``experts``, ``dispatcher``: ParallelConfig's) holding the
+    seed's random HF weights."""
+    parallel = ParallelConfig(tensor_parallel=tp, expert_parallel=ep, experts=experts, dispatcher=dispatcher)
     initialize_parallel(parallel)
     hf = hf_student(plan, seed=seed) if which == "student" else hf_teacher(seed=seed)
     model = build_student(hf.config, parallel) if which == "student" else build_teacher(hf.config, parallel)
@@ -133,7 +133,8 @@ def packed_worker(rank: int, world: int, which: str, plan, seed: int):
 
 def checkpoint_worker(rank: int, world: int, which: str, plan, seed: int, directory: str, layouts):
     """Save a torch_dist checkpoint at layouts[0], then for each next layout: rebuild from a different random seed,
-    load the previous checkpoint, record logits and save again. A layout is (tp, ep) or (tp, ep, experts).
+    load the previous checkpoint, record logits and save again. A layout is (tp, ep), (tp, ep, experts) or
+    (tp, ep, experts, dispatcher).
     Returns the logits of every layout."""
     from megatron.core import dist_checkpointing
 
@@ -264,4 +265,55 @@ a view of the packed buffer (fp32: as built) instead of a stacked copy (bf16: ``
                     stacked = module._stacked("linear_fc1.weight")  # a view of the packed buffer, not a copy?
                     result[dtype]["view"] = stacked.data_ptr() == module.local_experts[0].linear_fc1.weight.data_ptr()
         out[experts] = result
+    return out
+
+
+def dispatch_worker(rank: int, world: int, which: str, plan, tp: int, seed: int, experts: str):
+    """EP = 1, TP = ``tp``, fp32: the model built with Megatron's allgather dispatcher and with the sorted one on the
+    same weights. Per dispatcher (every rank): logits of a packed two-document batch, the gradients of a random-weighted
+    logit sum (gathered to the global layout), the router statistics of that forward (``RouterStats`` counts), and
+    for layer 0's MoE layer called directly: its output and the gradients of its input and router probabilities."""
+    from megatron_student.megatron.dispatch import SortedTokenDispatcher
+    from megatron_student.train.metrics import RouterStats
+
+    _, sequence, params = packed(seed + 200, lengths=(21, 43))
+    out = {}
+    for dispatcher in ("allgather", "sorted"):
+        model = build(which, plan, tp, 1, seed, experts, dispatcher)
+        layer = model.decoder.layers[0].mlp
+        assert isinstance(layer.token_dispatcher, SortedTokenDispatcher) == (dispatcher == "sorted")
+        stats = RouterStats(model, min_entropy=0.0)
+        logits = model(sequence, None, None, packed_seq_params=params)
+        weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + tp))
+        (logits * weight).sum().backward()
+        counts = {name: c.clone() for name, c in stats.counts.items()}
+        stats.remove()
+        for p in model.parameters():
+            p.main_grad = p.grad
+        result = {"logits": gather_logits(logits), "grads": gather_params(model, "main_grad"), "router": counts}
+        g = torch.Generator().manual_seed(seed + 7)
+        x = torch.randn(24, 1, model.config.hidden_size, generator=g, requires_grad=True)
+        probs = []
+        handle = layer.router.register_forward_hook(lambda m, a, o: o[0].retain_grad() or probs.append(o[0]))
+        y, bias = layer(x)
+        handle.remove()
+        y.backward(torch.randn(y.shape, generator=g))
+        result["layer"] = {"out": y.detach(), "bias": bias, "x": x.grad, "probs": probs[0].grad}
+        out[dispatcher] = result
+    return out
+
+
+def packed_documents_worker(rank: int, world: int, which: str, plan, seed: int):
+    """TP = 1: logits and gradients of two packed documents given as Megatron's ``PackedSeqParams`` and as
+    ``PackedDocuments`` (boundaries also on the host), on the same model."""
+    from megatron_student.megatron.attention import PackedDocuments
+
+    model = build(which, plan, 1, 1, seed)
+    _, sequence, params = packed(seed + 200, lengths=(21, 43))
+    out = []
+    for packed_seq_params in (params, PackedDocuments.of(params.cu_seqlens_q, sequence.device)):
+        model.zero_grad()
+        logits = model(sequence, None, None, packed_seq_params=packed_seq_params)
+        logits.square().mean().backward()
+        out.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     return out

@@ -50,3 +50,19 @@ def test_compat_apply_is_idempotent_and_makes_megatron_router_usable_on_cpu():
     logits, expected, has_grad, idempotent = run_distributed(compat_worker, 1)[0]
     assert idempotent
     assert torch.allclose(logits, expected, atol=1e-6) and has_grad
+
+
+def test_compat_gradient_norm_fallback_stays_on_the_device():
+    """Without TE/apex Megatron's gradient norm read every tensor's norm on the host; compat's replacement gives the
+    same norm as a [1] tensor on the gradients' device."""
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_student.megatron import compat
+
+    compat.apply()
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(2, 2, 2, generator=g)]
+    norm, per_tensor = clip_grads.l2_norm_impl(2048 * 32, None, [tensors], False)
+    exact = torch.cat([t.double().flatten() for t in tensors]).norm()
+    assert per_tensor is None and norm.shape == (1,) and norm.device == tensors[0].device
+    assert abs(float(norm[0]) - float(exact)) < 1e-6 * float(exact)

@@ -11,6 +11,9 @@ backward reduces the input gradient over TP), applies its local projections to t
 through a ``RowParallelLinear`` ``o_proj`` (reduce-scatter under SP, all-reduce otherwise).
 
 Positions restart in every packed document (``packed_seq_params.cu_seqlens_q``, batch 1), as in the HF student.
+Given as :class:`PackedDocuments` (what the trainer's batches carry), the boundaries are also on the host
+(``cu_seqlens_cpu``, read once per micro-batch), and no layer reads ``cu_seqlens_q`` back from the GPU; a plain
+``PackedSeqParams`` works too, at one host read per use.
 
 Context parallelism (``config.context_parallel_size`` > 1): each CP rank holds one contiguous chunk of a batch-1
 packed sequence (``ops.context_parallel``); ``packed_seq_params`` (None: one document) describes the documents of
@@ -21,8 +24,11 @@ attention (the teacher's full_attention layers) all-gathers keys and values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -31,12 +37,33 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+from ..host_syncs import to_device_async
 from ..ops.context_parallel import ContextParallel, context_parallel_split
 from ..ops.layers import kda_layer, softmax_sink_layer, swa_tpa_layer
 from ..ops.rope import rope_cos_sin, token_positions
 from ..ops.tpa import named_projection
 from ..student.spec import AttentionSpec, KdaSpec, SoftmaxSpec, SwaTpaSpec
 from .layers import Projection, new_parameter
+
+
+@dataclass
+class PackedDocuments(PackedSeqParams):
+    """Megatron's ``PackedSeqParams`` (THD, batch 1, self-attention: one ``cu_seqlens`` for queries and keys) that
+    also keeps the boundaries on the host, ``cu_seqlens_cpu`` (int64): the checks, the attention block mask and
+    fla's chunk tables read that copy instead of the device tensor (a host sync per read)."""
+
+    cu_seqlens_cpu: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, device: torch.device) -> PackedDocuments:
+        """From host boundaries [0, …, N]: the device copy is made without waiting for the GPU."""
+        if cu_seqlens.device.type != "cpu":
+            raise ValueError(f"PackedDocuments.of takes the boundaries on the host, got a tensor on {cu_seqlens.device}")
+        host = cu_seqlens.to(torch.int64)
+        on_device = to_device_async(cu_seqlens.to(torch.int32), device)
+        longest = int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0
+        return cls(qkv_format="thd", cu_seqlens_q=on_device, cu_seqlens_kv=on_device, max_seqlen_q=longest,
+                   max_seqlen_kv=longest, cu_seqlens_cpu=host)
 
 
 def _local(count: int, tp_size: int, what: str) -> int:
@@ -89,30 +116,36 @@ class _TensorParallelAttention(MegatronModule):
 
     @staticmethod
     def _cu_seqlens(packed_seq_params, batch: int):
+        """(cu_seqlens, its host copy when ``packed_seq_params`` carries one)."""
         if packed_seq_params is None:
-            return None
+            return None, None
         if packed_seq_params.qkv_format != "thd" or batch != 1:
             raise ValueError(f"packed sequences need qkv_format='thd' and batch 1, got "
                              f"{packed_seq_params.qkv_format!r} and batch {batch}")
-        cu = packed_seq_params.cu_seqlens_q
-        if packed_seq_params.cu_seqlens_kv is not None and not torch.equal(cu, packed_seq_params.cu_seqlens_kv):
+        cu, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_kv is not None and cu_kv is not cu and not torch.equal(cu, cu_kv):
             raise ValueError("self-attention needs cu_seqlens_q == cu_seqlens_kv")
-        return cu
+        return cu, getattr(packed_seq_params, "cu_seqlens_cpu", None)
 
     def _documents(self, packed_seq_params, x: torch.Tensor):
-        """(cu_seqlens of this call, None) without CP; (None, this rank's ``ContextParallel`` chunk) with CP."""
-        cu_seqlens = self._cu_seqlens(packed_seq_params, x.shape[0])
+        """(cu_seqlens of this call, its host copy or None, None) without CP; (None, None, this rank's
+        ``ContextParallel`` chunk) with CP."""
+        cu_seqlens, cu_seqlens_cpu = self._cu_seqlens(packed_seq_params, x.shape[0])
         if self.cp_group is None:
-            return cu_seqlens, None
+            return cu_seqlens, cu_seqlens_cpu, None
         if x.shape[0] != 1:
             raise ValueError(f"context parallelism takes one packed sequence (batch 1) per step, got batch {x.shape[0]}")
-        return None, context_parallel_split(cu_seqlens, x.shape[1] * self.cp_group.size(), self.cp_group)
+        bounds = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
+        return None, None, context_parallel_split(bounds, x.shape[1] * self.cp_group.size(), self.cp_group)
 
     def _positions(self, x: torch.Tensor, cu_seqlens, cp: ContextParallel | None) -> torch.Tensor:
         return token_positions(x.shape[1], x.device, cu_seqlens) if cp is None else cp.local_positions(x.device)
 
     def _cos_sin(self, ids: torch.Tensor, inv_freq: torch.Tensor | None = None):
-        inv_freq = self._inv_freq.to(ids.device) if inv_freq is None else inv_freq
+        if inv_freq is None:
+            if self._inv_freq.device != ids.device:  # moved once: a copy per call would wait for the GPU each time
+                self._inv_freq = self._inv_freq.to(ids.device)
+            inv_freq = self._inv_freq
         return rope_cos_sin(ids[None], inv_freq, self.spec.rope.concentration)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
@@ -146,11 +179,12 @@ class ParallelSoftmaxAttention(_TensorParallelAttention):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
-        cu_seqlens, cp = self._documents(packed_seq_params, x)
+        cu_seqlens, cu_seqlens_cpu, cp = self._documents(packed_seq_params, x)
         cos, sin = self._cos_sin(self._positions(x, cu_seqlens, cp))
         return softmax_sink_layer(
             x, self.q_proj, self.k_proj, self.v_proj, self._exit, self.sinks, cos, sin, head_dim=self.spec.head_dim,
-            window=self.spec.window, cu_seqlens=cu_seqlens, backend=self.backend, cp=cp)
+            window=self.spec.window, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, backend=self.backend,
+            cp=cp)
 
 
 class ParallelSwaTpaAttention(_TensorParallelAttention):
@@ -184,7 +218,7 @@ class ParallelSwaTpaAttention(_TensorParallelAttention):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
-        cu_seqlens, cp = self._documents(packed_seq_params, x)
+        cu_seqlens, cu_seqlens_cpu, cp = self._documents(packed_seq_params, x)
         ids = self._positions(x, cu_seqlens, cp)
         if self.spec.grape:
             (cos, sin), skew = self._cos_sin(ids, self.rope_freq), self.plane_skew
@@ -194,7 +228,7 @@ class ParallelSwaTpaAttention(_TensorParallelAttention):
         return swa_tpa_layer(
             x, q, k, v, self._exit, self.sinks, cos, sin,
             head_dim=self.spec.head_dim, window=self.spec.window, plane_skew=skew, cu_seqlens=cu_seqlens,
-            backend=self.backend, cp=cp)
+            cu_seqlens_cpu=cu_seqlens_cpu, backend=self.backend, cp=cp)
 
 
 class ParallelKdaAttention(_TensorParallelAttention):
@@ -234,12 +268,13 @@ class ParallelKdaAttention(_TensorParallelAttention):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         x = self._enter(hidden_states)
-        cu_seqlens, cp = self._documents(packed_seq_params, x)
+        cu_seqlens, cu_seqlens_cpu, cp = self._documents(packed_seq_params, x)
         out, _ = kda_layer(
             x, self.q_proj, self.k_proj, self.v_proj, (self.q_conv_weight, self.k_conv_weight, self.v_conv_weight),
             lambda h: self.f_b_proj(self.f_a_proj(h)), self.b_proj, self.A_log, self.dt_bias,
             lambda h: self.g_b_proj(self.g_a_proj(h)), self.o_norm_weight, self._exit, head_dim=self.spec.head_dim,
-            lower_bound=self.spec.lower_bound, eps=self.spec.norm_eps, cu_seqlens=cu_seqlens, cp=cp)
+            lower_bound=self.spec.lower_bound, eps=self.spec.norm_eps, cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu, cp=cp)
         return out
 
 

@@ -144,6 +144,26 @@ def _cuda_rng_state_in_recompute() -> None:
     tp_random._set_cuda_rng_state = set_state
 
 
+def _grad_norm_without_host_reads() -> None:
+    """Without Transformer Engine or apex, ``optimizer/clip_grads.py`` falls back to ``utils.
+    local_multi_tensor_l2_norm`` for the gradient norm, which builds ``torch.tensor(list of CUDA norms)``: one host
+    read per gradient tensor (hundreds per step, each a stream sync), then a blocking copy back to the GPU. Not
+    fixed upstream as of core_v0.16.1. Workaround: the same norm (fp32, [1] tensor, as the fallback returns) from
+    torch's multi-tensor ``_foreach_norm`` on the device; ``get_grad_norm_fp32`` then reads the total once."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is not local_multi_tensor_l2_norm:
+        return  # TE or apex: their fused kernel, no host read
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [torch.stack(torch._foreach_norm([t.float() for t in tensors])) for tensors in tensor_lists]
+        return torch.linalg.vector_norm(torch.cat(norms)).reshape(1), None
+
+    l2_norm._megatron_student_compat = True
+    clip_grads.l2_norm_impl = l2_norm
+
+
 def apply() -> None:
     """Apply every workaround once (safe to call repeatedly)."""
     global _APPLIED
@@ -155,4 +175,5 @@ def apply() -> None:
     _cuda_only_device_calls()
     _cuda_rng_tracker_fork()
     _cuda_rng_state_in_recompute()
+    _grad_norm_without_host_reads()
     _APPLIED = True

@@ -3,7 +3,8 @@
 Every layer is RMSNorm → attention (``attention.py``, chosen per layer from the plan or gpt-oss ``layer_types``)
 → RMSNorm → Megatron ``MoELayer`` (experts with biases: grouped GEMMs (``experts.GroupedExperts``) or Megatron's
 per-expert ``SequentialMLP``, one checkpoint layout; the gpt-oss router, clamped SwiGLU on Megatron's [gate; up]
-layout, allgather or alltoall dispatcher, expert parallelism). Embedding and output layer are
+layout; Megatron's allgather or alltoall dispatcher, or at EP = 1 the sync-free ``dispatch.SortedTokenDispatcher``;
+expert parallelism). Embedding and output layer are
 Megatron's vocab-parallel ones (untied); position information lives in the attention modules (YaRN / GRAPE-M), so
 ``position_embedding_type='none'``.
 """
@@ -35,8 +36,11 @@ from ..student.spec import AttentionSpec, layer_specs
 from ..teacher.config import swiglu_limit
 from . import compat
 from .attention import parallel_attention_class
+from .dispatch import install_sorted_dispatch
 from .experts import EXPERT_IMPLEMENTATIONS, GroupedExperts
 from .layers import ClampedSwiGLU, GptOssRouter, ParallelRMSNorm, padded_vocab_size
+
+DISPATCHERS = ("auto", "sorted", "allgather", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class ParallelConfig:
     expert_parallel: int = 1
     context_parallel: int = 1  # contiguous sequence chunks (ops.context_parallel); batch 1 packed sequences
     sequence_parallel: bool | None = None
-    dispatcher: str = "allgather"  # or "alltoall"
+    # token dispatch: "sorted" (dispatch.SortedTokenDispatcher: no host sync; EP = 1 only), Megatron's "allgather" or
+    # "alltoall", or "auto": sorted at EP = 1, otherwise alltoall on CUDA and allgather without (alltoall needs CUDA)
+    dispatcher: str = "auto"
     params_dtype: torch.dtype = torch.float32
     make_vocab_size_divisible_by: int = 128
     attention_backend: str = "auto"  # ops.attention.sink_attention backend
@@ -64,6 +70,20 @@ class ParallelConfig:
     @property
     def uses_sequence_parallel(self) -> bool:
         return self.tensor_parallel > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+    @property
+    def token_dispatcher(self) -> str:
+        """The dispatcher ``dispatcher`` resolves to: sorted, allgather or alltoall."""
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"dispatcher {self.dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
+        if self.dispatcher == "auto":
+            if self.expert_parallel == 1:
+                return "sorted"
+            return "alltoall" if torch.cuda.is_available() else "allgather"
+        if self.dispatcher == "sorted" and self.expert_parallel != 1:
+            raise ValueError(f"dispatcher 'sorted' needs expert parallelism 1 (got EP {self.expert_parallel}): use "
+                             "allgather or alltoall")
+        return self.dispatcher
 
     @property
     def grouped_experts(self) -> bool:
@@ -104,8 +124,7 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
     if parallel.recompute not in (None, "full") or parallel.recompute_method not in ("uniform", "block"):
         raise ValueError(f"recompute {parallel.recompute!r} / {parallel.recompute_method!r}: choose None or 'full', "
                          "and 'uniform' or 'block'")
-    if parallel.dispatcher not in ("allgather", "alltoall"):
-        raise ValueError(f"dispatcher {parallel.dispatcher!r}: choose allgather or alltoall")
+    dispatcher = parallel.token_dispatcher
     if hf_config.num_local_experts % parallel.expert_parallel:
         raise ValueError(f"num_local_experts={hf_config.num_local_experts} is not divisible by EP={parallel.expert_parallel}")
     return TransformerConfig(
@@ -122,7 +141,9 @@ def transformer_config(hf_config, parallel: ParallelConfig) -> TransformerConfig
         moe_router_pre_softmax=False,
         moe_router_score_function="softmax",
         moe_router_dtype="fp32",
-        moe_token_dispatcher_type=parallel.dispatcher,
+        # the sorted dispatch replaces Megatron's after the build (install_sorted_dispatch); allgather needs no CUDA
+        # stream to build
+        moe_token_dispatcher_type="allgather" if dispatcher == "sorted" else dispatcher,
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         moe_aux_loss_coeff=0.0,
@@ -209,6 +230,8 @@ def _build(hf_config, parallel: ParallelConfig) -> GPTModel:
         position_embedding_type="none",
     )
     model.hf_vocab_size = hf_config.vocab_size
+    if parallel.token_dispatcher == "sorted":
+        install_sorted_dispatch(model)
     if parallel.recompute:
         model.embedding.register_forward_hook(_grad_requiring_output)
     return model

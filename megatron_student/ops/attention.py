@@ -5,7 +5,8 @@ A sliding window of W keeps W keys including the current one (q − W < k ≤ q)
 
 Layout is [B, T, H, D]. Queries are the last Tq positions of the Tk keys: Tq == Tk when training, Tq < Tk
 when decoding against a cache or attending to earlier context-parallel chunks. ``cu_seqlens`` (B = 1, packed;
-boundaries of the Tk key positions) keeps attention inside each document.
+boundaries of the Tk key positions) keeps attention inside each document; ``cu_seqlens_cpu``, the same boundaries
+on the host, spares the flex path reading them back from the GPU.
 ``key_mask`` [B, Tk] (bool) hides padding keys of left-padded batches; a query always sees itself, so a
 padding query's row stays finite (its output is discarded) and no NaN reaches the valid rows through V.
 On CUDA the fast path is FlexAttention with a block-sparse mask, the sinks folded in through the
@@ -17,6 +18,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ..host_syncs import to_device_async
 
 REFERENCE_QUERY_BLOCK = 256
 
@@ -54,6 +57,7 @@ def sink_attention(
     scale: float | None = None,
     window: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -68,7 +72,8 @@ def sink_attention(
     if backend == "flex":
         if key_mask is not None:
             raise ValueError("the flex backend takes no key_mask (padded batches run on the reference backend)")
-        return _flex_sink_attention(q, k, v, sinks, scale, window, cu_seqlens)
+        return _flex_sink_attention(q, k, v, sinks, scale, window,
+                                    cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu)
     if backend == "reference":
         return sink_attention_reference(q, k, v, sinks, scale=scale, window=window, cu_seqlens=cu_seqlens,
                                         key_mask=key_mask)
@@ -142,7 +147,9 @@ def _block_mask(q_len: int, kv_len: int, window: int | None, boundaries: tuple[i
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = kv_len - q_len
-    docs = document_ids(torch.tensor(boundaries, device=device), kv_len) if boundaries else None
+    docs = None
+    if boundaries:  # computed on the host and copied without waiting for the GPU (blocking copies wait for it)
+        docs = to_device_async(document_ids(torch.tensor(boundaries), kv_len), device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_pos = q_idx + offset

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..host_syncs import to_device_async
 from ..kernels import use_fixed_configs
 from .kda import beta_from_logits, causal_short_conv, kda_gate, kda_reference
 from .rope import token_positions
@@ -105,12 +106,12 @@ class ContextParallel:
         return self.first_document_start // self.local_len
 
     def local_cu_seqlens(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor(self.local_bounds, dtype=torch.int32, device=device)
+        return to_device_async(torch.tensor(self.local_bounds, dtype=torch.int32), device)
 
     def local_positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[local_len] position of each local token inside its document (positions restart at every document)."""
         cu = torch.tensor(self.bounds, dtype=torch.long)
-        return token_positions(self.total, "cpu", cu)[self.start : self.start + self.local_len].to(device)
+        return to_device_async(token_positions(self.total, "cpu", cu)[self.start : self.start + self.local_len], device)
 
     def local_chunk(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's chunk of a tensor holding the whole sequence along ``dim``."""
@@ -124,7 +125,7 @@ class ContextParallel:
         from fla.ops.cp import build_cp_context
 
         cu = torch.tensor(self.bounds, dtype=torch.int32)
-        return build_cp_context(cu.to(device), self.group, conv1d_kernel_size=conv1d_kernel_size,
+        return build_cp_context(to_device_async(cu, device), self.group, conv1d_kernel_size=conv1d_kernel_size,
                                 cu_seqlens_cpu=cu)
 
     def check_local(self, x: torch.Tensor, what: str, halo: int = 0) -> None:
@@ -279,7 +280,7 @@ def short_conv_context_parallel(x: torch.Tensor, weight: torch.Tensor, cp: Conte
     n_docs = len(cp.local_bounds) - 1
     initial = torch.cat([first[None], first.new_zeros(n_docs - 1, D, W)])
     y, _ = causal_short_conv(x, weight, activation=activation, cu_seqlens=cp.local_cu_seqlens(x.device),
-                             initial_state=initial)
+                             cu_seqlens_cpu=torch.tensor(cp.local_bounds), initial_state=initial)
     return y
 
 

@@ -61,14 +61,20 @@ DECODE_MAX_TOKENS = 64  # fla's layer uses fused_recurrent for q_len <= 64 at in
 _SUB = 8  # sub-block size of the reference's intra-chunk decay products
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int, what: str) -> list[int]:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int, what: str,
+                      cu_seqlens_cpu: torch.Tensor | None = None) -> list[int]:
+    """The boundaries as a list, checked; read from ``cu_seqlens_cpu`` (the same boundaries on the host) when given,
+    so a CUDA ``cu_seqlens`` is not read back."""
     if batch != 1:
         raise ValueError(f"{what}: with cu_seqlens the batch size must be 1 (packed sequences), got B={batch}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{what}: cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {list(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{what}: cu_seqlens must be int32/int64, got {cu_seqlens.dtype}")
-    bounds = cu_seqlens.tolist()
+    if cu_seqlens_cpu is not None and cu_seqlens_cpu.shape != cu_seqlens.shape:
+        raise ValueError(f"{what}: cu_seqlens_cpu {list(cu_seqlens_cpu.shape)} and cu_seqlens "
+                         f"{list(cu_seqlens.shape)} differ")
+    bounds = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).tolist()
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"{what}: cu_seqlens must start at 0 and end at T={total}, got {bounds[0]}..{bounds[-1]}")
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
@@ -146,6 +152,7 @@ def causal_short_conv(
     *,
     activation: str | None = "silu",
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,6 +168,8 @@ def causal_short_conv(
         bias: ``[D]`` or None.
         activation: ``"silu"``/``"swish"`` or None.
         cu_seqlens: ``[N+1]`` cumulative lengths; no input leaks across sequences.
+        cu_seqlens_cpu: the same on the host (optional): read instead of ``cu_seqlens`` for checks and fla's
+            chunk tables, so a CUDA ``cu_seqlens`` is not read back.
         initial_state: ``[N, D, W]``: the last W inputs before each sequence, oldest first
             (fla's cache layout; only the last W-1 entries influence the output).
         output_final_state: also return the ``[N, D, W]`` state after each sequence (x.dtype).
@@ -183,7 +192,7 @@ def causal_short_conv(
     if cu_seqlens is None:
         N, starts, lens = B, [b * T for b in range(B)], [T] * B
     else:
-        bounds = _check_cu_seqlens(cu_seqlens, B, T, "causal_short_conv")
+        bounds = _check_cu_seqlens(cu_seqlens, B, T, "causal_short_conv", cu_seqlens_cpu)
         N, starts = len(bounds) - 1, bounds[:-1]
         lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if initial_state is not None and initial_state.shape != (N, D, W):
@@ -197,7 +206,7 @@ def causal_short_conv(
 
         y, final_state = causal_conv1d(
             x, weight, bias, initial_state=initial_state, output_final_state=output_final_state,
-            activation=activation, cu_seqlens=cu_seqlens)
+            activation=activation, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
         return y, final_state
     acc = accumulation_dtype(x, weight, bias, initial_state)
     dev = x.device
@@ -232,7 +241,7 @@ def causal_short_conv(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale, what):
+def _check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale, what, cu_seqlens_cpu=None):
     if q.ndim != 4:
         raise ValueError(f"{what}: q must be [B, T, H, K], got {list(q.shape)}")
     B, T, H, K = q.shape
@@ -255,7 +264,7 @@ def _check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale, what):
     if cu_seqlens is None:
         N, bounds = B, None
     else:
-        bounds = _check_cu_seqlens(cu_seqlens, B, T, what)
+        bounds = _check_cu_seqlens(cu_seqlens, B, T, what, cu_seqlens_cpu)
         N = len(bounds) - 1
     if initial_state is not None:
         if initial_state.shape != (N, HV, K, V):
@@ -458,6 +467,7 @@ def kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
     use_qk_l2norm: bool = True,
     safe_gate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -472,6 +482,7 @@ def kda(
         initial_state: ``[N, HV, K, V]`` float32, K-first.
         output_final_state: return the ``[N, HV, K, V]`` fp32 state after each sequence.
         cu_seqlens: ``[N+1]`` cumulative lengths of packed sequences (B must be 1).
+        cu_seqlens_cpu: the same on the host (optional), read instead of ``cu_seqlens`` on the host side.
         use_qk_l2norm: L2-normalise q and k (eps 1e-6 inside the sqrt, as fla).
         safe_gate: CUDA only, a speed hint forwarded to ``chunk_kda``: set it only when every g
             lies in ``[-5, 0)`` (``kda_gate(..., lower_bound)`` with ``lower_bound >= -5``).
@@ -483,7 +494,7 @@ def kda(
     Returns ``(o [B, T, HV, V] in q.dtype, final_state or None)``.
     """
     B, T, H, K, HV, V, N, bounds, scale = _check_kda_inputs(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, "kda"
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, "kda", cu_seqlens_cpu
     )
     if not q.is_cuda or q.dtype == torch.float64:
         if q.shape[1] == 1 and cu_seqlens is None:  # decoding: one recurrent step, not a padded 64-token chunk
@@ -523,6 +534,7 @@ def kda(
             use_qk_l2norm_in_kernel=use_qk_l2norm,
             safe_gate=safe_gate,
             cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
         )
     else:
         o, final_state = fused_recurrent_kda(
@@ -560,11 +572,12 @@ def kda_from_logits(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA from the layer's raw projections: decay from ``f`` [B, T, HV*K] via :func:`kda_gate` and
     β = σ(``beta_logits`` [B, T, HV]). The same function as ``kda(q, k, v, kda_gate(f, …), σ(β))``; on CUDA
     training/prefill the gate and the sigmoid run inside fla's ``chunk_kda`` (as fla's own layer does),
-    which saves the fp32 [B, T, HV, K] decay tensor and its backward pass."""
+    which saves the fp32 [B, T, HV, K] decay tensor and its backward pass. ``cu_seqlens_cpu``: as in :func:`kda`."""
     B, T = q.shape[:2]
     HV = v.shape[2]
     if beta_logits.shape != (B, T, HV):
@@ -573,11 +586,13 @@ def kda_from_logits(
     if not (q.is_cuda and q.dtype != torch.float64 and (needs_grad or T > DECODE_MAX_TOKENS)):
         g = kda_gate(f, A_log, dt_bias, lower_bound=lower_bound)
         return kda(q, k, v, g, beta_from_logits(beta_logits, q.dtype), scale=scale,
-                   initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                   initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                   cu_seqlens_cpu=cu_seqlens_cpu)
     K = q.shape[-1]
     if f.shape != (B, T, HV * K):
         raise ValueError(f"kda_from_logits: f must be [B, T, HV*K]=[{B}, {T}, {HV * K}], got {list(f.shape)}")
-    _check_kda_inputs(q, k, v, f.view(B, T, HV, K), beta_logits, initial_state, cu_seqlens, scale, "kda_from_logits")
+    _check_kda_inputs(q, k, v, f.view(B, T, HV, K), beta_logits, initial_state, cu_seqlens, scale, "kda_from_logits",
+                      cu_seqlens_cpu)
     use_fixed_configs()  # launch configs recorded for this GPU instead of autotuning
     from fla.ops.kda import chunk_kda
 
@@ -588,5 +603,5 @@ def kda_from_logits(
         initial_state=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
         use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None, lower_bound=lower_bound,
-        state_v_first=True, cu_seqlens=cu_seqlens)
+        state_v_first=True, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
     return o.to(q.dtype), None if final_state is None else final_state.transpose(-1, -2)

@@ -12,6 +12,9 @@ see) and the attention key mask over them (None: no key is padding); None: no ca
 recurrent and short-conv states (``state`` in, the new states out). ``valid`` [B, T] (bool) marks the real
 tokens of a left-padded batch (None: all real): padding keys are masked, and padding enters neither KDA's short
 convolutions nor its state.
+``cu_seqlens_cpu``: the packed documents' boundaries ``cu_seqlens`` also on the host (optional; read once per
+micro-batch): every host-side use (checks, the attention block mask, fla's chunk tables) reads it, so no layer
+reads ``cu_seqlens`` back from the GPU.
 ``cp`` (``ops.context_parallel.ContextParallel``): x is this rank's contiguous chunk [1, L, hidden] of one packed
 sequence split over a context-parallel group (its documents in ``cp``, so ``cu_seqlens`` stays None); sliding
 windows take the previous rank's last window − 1 positions (a halo), KDA its state chain, full attention the
@@ -39,8 +42,9 @@ Extend = Callable[[dict[str, torch.Tensor], torch.Tensor | None], tuple[dict[str
 def softmax_sink_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, v_proj: Projection,
                        o_proj: Projection, sinks: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                        head_dim: int, window: int | None, cu_seqlens: torch.Tensor | None = None,
-                       valid: torch.Tensor | None = None, extend: Extend | None = None,
-                       backend: str = "auto", cp: ContextParallel | None = None) -> torch.Tensor:
+                       cu_seqlens_cpu: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                       extend: Extend | None = None, backend: str = "auto",
+                       cp: ContextParallel | None = None) -> torch.Tensor:
     """gpt-oss attention: GQA + learned sinks + RoPE (cos/sin of this call's positions), over ``window`` keys
     (None: full causal). x [B, T, hidden] → o_proj(o [B, T, H·D])."""
     B, T, _ = x.shape
@@ -58,7 +62,8 @@ def softmax_sink_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, 
     if extend is not None:
         kv, key_mask = extend({"k": k, "v": v}, valid)
         k, v = kv["k"], kv["v"]
-    o = sink_attention(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, key_mask=key_mask, backend=backend)
+    o = sink_attention(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                       key_mask=key_mask, backend=backend)
     return o_proj(o.reshape(B, T, -1))
 
 
@@ -92,8 +97,9 @@ def _sliding_attention_context_parallel(q, per_position, keys_values, sinks, win
 def swa_tpa_layer(x: torch.Tensor, q: Projection | TpaProjection, k: TpaProjection, v: TpaProjection,
                   o_proj: Projection, sinks: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, head_dim: int,
                   window: int, plane_skew: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                  valid: torch.Tensor | None = None, extend: Extend | None = None,
-                  backend: str = "auto", cp: ContextParallel | None = None) -> torch.Tensor:
+                  cu_seqlens_cpu: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                  extend: Extend | None = None, backend: str = "auto",
+                  cp: ContextParallel | None = None) -> torch.Tensor:
     """Sliding-window attention with sinks whose K, V (and Q when ``q`` is a ``TpaProjection``; else a plain
     projection) are tensor products (1/R)·Σ_r a_r(x) ⊗ b_r(x). The rotation (RoPE, or GRAPE-M: cos/sin at the
     layer's frequencies and an optional learned ``plane_skew``) acts on the B factors; the cache holds the
@@ -118,7 +124,8 @@ def swa_tpa_layer(x: torch.Tensor, q: Projection | TpaProjection, k: TpaProjecti
         factors, key_mask = extend(factors, valid)
     k = tpa_combine(factors["k_a"], factors["k_b"])
     v = tpa_combine(factors["v_a"], factors["v_b"])
-    o = sink_attention(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, key_mask=key_mask, backend=backend)
+    o = sink_attention(q, k, v, sinks, window=window, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                       key_mask=key_mask, backend=backend)
     return o_proj(o.reshape(B, T, -1))
 
 
@@ -126,8 +133,9 @@ def kda_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, v_proj: P
               conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor], forget_proj: Projection,
               beta_proj: Projection, A_log: torch.Tensor, dt_bias: torch.Tensor, gate_proj: Projection,
               o_norm_weight: torch.Tensor, o_proj: Projection, *, head_dim: int, lower_bound: float | None,
-              eps: float, cu_seqlens: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-              state: dict[str, torch.Tensor] | None = None, output_final_state: bool = False,
+              eps: float, cu_seqlens: torch.Tensor | None = None, cu_seqlens_cpu: torch.Tensor | None = None,
+              valid: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None,
+              output_final_state: bool = False,
               cp: ContextParallel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Kimi Delta Attention (fla 0.6.0 layout) with biased projections: q, k, v = SiLU(ShortConv(proj(x)));
     decay from the low-rank ``forget_proj`` (f_b·f_a), A_log and dt_bias; β = σ(``beta_proj``(x));
@@ -150,7 +158,7 @@ def kda_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, v_proj: P
         convolved, conv_states = [], []
         for name, p, weight in zip("qkv", projected, conv_weights):
             y, final = causal_short_conv(
-                p, weight, activation="silu", cu_seqlens=cu_seqlens,
+                p, weight, activation="silu", cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
                 initial_state=None if state is None else state[f"{name}_conv"], output_final_state=output_final_state)
             convolved.append(y.view(B, T, -1, head_dim))
             conv_states.append(final)
@@ -158,7 +166,7 @@ def kda_layer(x: torch.Tensor, q_proj: Projection, k_proj: Projection, v_proj: P
         o, recurrent = kda_from_logits(
             q, k, v, forget_proj(x), beta_proj(x), A_log, dt_bias, lower_bound=lower_bound,
             initial_state=None if state is None else state["recurrent"], output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens)
+            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
     o = gated_rms_norm(o, o_norm_weight, gate_proj(x).view(o.shape), eps)
     out = o_proj(o.reshape(B, T, -1).to(x.dtype))
     if not output_final_state:

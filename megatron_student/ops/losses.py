@@ -362,14 +362,14 @@ class _FusedLogitLosses(torch.autograd.Function):
 
 
 def _checked_labels(labels: torch.Tensor | None, specs: Sequence[LogitLoss], lead: tuple,
-                    shard: _VocabShard) -> torch.Tensor | None:
-    """``labels`` flattened when a spec is ``ce`` (checked: the logits' leading shape, −100 or a vocabulary id), else
-    None."""
+                    shard: _VocabShard, check_ids: bool = True) -> torch.Tensor | None:
+    """``labels`` flattened when a spec is ``ce`` (checked: the logits' leading shape and, unless the caller checked
+    them on the host (``check_ids`` False: the device check is a host sync), −100 or a vocabulary id), else None."""
     if not any(s.kind == "ce" for s in specs):
         return None
     if labels is None or labels.shape != lead:
         raise ValueError(f"ce needs labels of shape {tuple(lead)}")
-    if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
+    if check_ids and bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= shard.vocab))).any()):
         raise ValueError(f"labels must be −100 or ids in [0, {shard.vocab})")
     return labels.reshape(-1)
 
@@ -377,7 +377,7 @@ def _checked_labels(labels: torch.Tensor | None, specs: Sequence[LogitLoss], lea
 def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, losses: Sequence[LogitLoss],
                  weights: torch.Tensor, *, labels: torch.Tensor | None = None, vocab_size: int | None = None,
                  tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
     """``Σ_t w_t · ℓ_t`` for each of ``losses`` in one chunked pass over vocab-parallel logits; returns [K].
 
     ``student_logits``/``teacher_logits``: ``[..., V_local]`` (the same shape; the teacher is never
@@ -391,6 +391,9 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     forward and reverse KL at one temperature and CE, bf16/fp16/fp32; they need a GPU, or ``TRITON_INTERPRET=1``
     on the CPU; no float32 copy of the logits at all, so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA
     when the kinds and dtype allow it, torch otherwise).
+
+    ``check_labels``: refuse labels outside [0, ``vocab_size``) other than −100 (a host read of a CUDA tensor);
+    False when the caller has checked them on the host already (the trainer, as it builds each micro-batch).
     """
     specs = tuple(losses)
     if not specs:
@@ -408,7 +411,7 @@ def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
     weights = _per_loss_weights(weights, lead, len(specs))
     shard = _vocab_shard(local_vocab, vocab_size, tp_group)
-    labels = _checked_labels(labels, specs, lead, shard)
+    labels = _checked_labels(labels, specs, lead, shard, check_labels)
     unsupported = fused_unsupported(specs, student_logits.dtype)
     if backend == "fused" and unsupported:
         raise ValueError(unsupported)
@@ -745,7 +748,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
                         teacher_log_tail: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                         labels: torch.Tensor | None = None, vocab_size: int | None = None,
                         tp_group: dist.ProcessGroup | None = None, chunk_size: int = 512,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
     """``Σ_t w_t · ℓ_t`` for each of ``losses`` against a stored (offline) teacher; returns [K].
 
     The teacher is its top-k ``teacher_ids`` [..., k] (global ids, distinct, below ``vocab_size``; −1 marks a
@@ -767,7 +770,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     pass over the student logits for its log-sum-exp over the vocabulary and over the ids not stored, the
     partition losses on [tokens, k + 1] values, the gradient written in one pass; no float32 copy of the logits,
     so ``chunk_size`` does not apply) or ``auto`` (fused on CUDA when the kinds and dtype allow it, torch
-    otherwise), as for :func:`logit_losses`.
+    otherwise), and ``check_labels``, as for :func:`logit_losses`.
     """
     specs = tuple(losses)
     if not specs:
@@ -778,7 +781,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if all(spec.kind == "ce" for spec in specs):  # nothing of the teacher's
         return logit_losses(student_logits, None, specs, weights, labels=labels, vocab_size=vocab_size,
-                            tp_group=tp_group, chunk_size=chunk_size, backend=backend)
+                            tp_group=tp_group, chunk_size=chunk_size, backend=backend, check_labels=check_labels)
     lead, local_vocab = student_logits.shape[:-1], student_logits.shape[-1]
     k = teacher_ids.shape[-1]
     if teacher_ids.shape != (*lead, k) or teacher_logprobs.shape != teacher_ids.shape:
@@ -791,7 +794,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     if k > shard.vocab or bool(((teacher_ids < -1) | (teacher_ids >= shard.vocab)).any()):
         raise ValueError(f"teacher ids must be {k} ≤ {shard.vocab} distinct ids in [0, {shard.vocab}) or -1 "
                          "(padding)")
-    flat_labels = _checked_labels(labels, specs, lead, shard)
+    flat_labels = _checked_labels(labels, specs, lead, shard, check_labels)
     unsupported = fused_unsupported(specs, student_logits.dtype, LOGIT_LOSS_KINDS)
     if backend == "fused" and unsupported:
         raise ValueError(unsupported)
@@ -807,7 +810,7 @@ def sparse_logit_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     if ce:  # alone, ce may still be fused (auto on CUDA)
         values = logit_losses(student_logits, None, [specs[i] for i in ce], torch.stack([weights[i] for i in ce]),
                               labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size,
-                              backend=backend)
+                              backend=backend, check_labels=check_labels)
         for i, value in zip(ce, values):
             sums[i] = value
     values = _ChunkedSparseLosses.apply(

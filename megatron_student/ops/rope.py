@@ -76,7 +76,7 @@ def token_positions(length: int, device, cu_seqlens: torch.Tensor | None = None,
     ids = torch.arange(start, start + length, device=device)
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=device, dtype=torch.long)
-        ids = ids - cu[:-1].repeat_interleave(cu.diff())
+        ids = ids - cu[:-1].repeat_interleave(cu.diff(), output_size=length)  # output_size: no host read
     return ids
 
 

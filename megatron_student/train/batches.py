@@ -11,6 +11,10 @@ Context parallelism (CP ranks share one DP rank's samples): each CP rank keeps t
 ``[r·N/CP, (r+1)·N/CP)`` of the flattened stream (``ops.context_parallel``'s layout) — tokens, labels, weights and
 token counts are the chunk's, ``offset`` says where it starts — while ``packed`` keeps the documents of the whole
 stream: documents cross chunk boundaries, and the attention modules place the chunk inside them.
+
+A micro-batch is built on the host and copied to the GPU without waiting for it (``host_syncs.to_device_async``:
+the previous step's optimizer update may still be running); its document boundaries stay on the host too
+(``PackedDocuments.cu_seqlens_cpu``), so no layer reads them back from the GPU.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..data.storage import HarmonyPackedDataset, ResumableSampler, collate_packed
+from ..host_syncs import to_device_async
+from ..megatron.attention import PackedDocuments
 from ..ops.losses import IGNORE_INDEX, token_weights
 from .config import ConfigError, TrainConfig
 
@@ -31,7 +36,7 @@ from .config import ConfigError, TrainConfig
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [1, N] (N = B·S; under CP this rank's chunk, N = B·S / CP, as every per-token field)
-    packed: PackedSeqParams
+    packed: PackedDocuments
     targets: torch.Tensor  # [N] next-token labels (−100: not trained)
     weights: torch.Tensor  # [N] float32 loss weights
     num_tokens: int  # real (unpadded) tokens
@@ -55,7 +60,10 @@ class ContextChunk:
 
 
 def make_micro_batch(items: list[dict], channels, device: torch.device,
-                     chunk: ContextChunk = ContextChunk()) -> MicroBatch:
+                     chunk: ContextChunk = ContextChunk(), vocab_size: int | None = None,
+                     source: str = "micro-batch") -> MicroBatch:
+    """``vocab_size``: check the labels against it here, on the host (the losses then need not read them back
+    from the GPU); ``source`` names the rows in that error."""
     batch = collate_packed(items)
     cu = batch["cu_seqlens"].to(torch.int64)
     rows, seq_len = batch["input_ids"].shape
@@ -73,29 +81,35 @@ def make_micro_batch(items: list[dict], channels, device: torch.device,
     window = chunk.window(n)
     real = (torch.arange(seq_len) < batch["num_tokens"][:, None]).reshape(-1)[window]  # not row padding
     targets = shifted("labels", IGNORE_INDEX)[window]
+    if vocab_size is not None:
+        bad = targets[(targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))]
+        if bad.numel():
+            raise ValueError(f"{source}: label id {int(bad[0])} is outside the student's vocabulary [0, {vocab_size}) "
+                             f"(and not {IGNORE_INDEX})")
     analysis, final = shifted("analysis_mask", False)[window], shifted("final_mask", False)[window]
     weights = token_weights(targets, analysis, final, shifted("analysis_weight", 1.0)[window],
                             final_channel=channels.final, analysis_channel=channels.analysis,
                             other_channel=channels.other)
-    cu32 = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32,
-                             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
-    return MicroBatch(batch["input_ids"].reshape(1, -1)[:, window].to(device), packed, targets.to(device),
-                      weights.to(device), int(real.sum()), int((analysis & (targets != IGNORE_INDEX)).sum()),
-                      int((final & (targets != IGNORE_INDEX)).sum()), offset=window.start)
+    return MicroBatch(to_device_async(batch["input_ids"].reshape(1, -1)[:, window], device),
+                      PackedDocuments.of(batch["cu_seqlens"], device), to_device_async(targets, device),
+                      to_device_async(weights, device), int(real.sum()),
+                      int((analysis & (targets != IGNORE_INDEX)).sum()), int((final & (targets != IGNORE_INDEX)).sum()),
+                      offset=window.start)
 
 
 def read_micro_batch(dataset: HarmonyPackedDataset, samples: list[int], channels, device: torch.device,
-                     chunk: ContextChunk = ContextChunk()) -> MicroBatch:
+                     chunk: ContextChunk = ContextChunk(), vocab_size: int | None = None) -> MicroBatch:
     """The micro-batch of ``samples`` of ``dataset`` (this CP rank's chunk of it), naming where its rows come
-    from."""
-    mb = make_micro_batch([dataset[i] for i in samples], channels, device, chunk)
+    from; labels checked against ``vocab_size`` when given."""
+    mb = make_micro_batch([dataset[i] for i in samples], channels, device, chunk, vocab_size,
+                          f"{dataset.directory} samples {list(samples)}")
     return dataclasses.replace(mb, split=dataset.directory.name, samples=tuple(int(i) for i in samples))
 
 
 class BatchStream:
     """Micro-batches of ``micro_batch`` samples in the sampler's order, across epochs; ``state_dict`` is the
-    sampler's position (a resume continues with the next sample)."""
+    sampler's position (a resume continues with the next sample). ``vocab_size`` (set once the student is known):
+    every micro-batch's labels are checked against it as it is built."""
 
     def __init__(self, dataset: HarmonyPackedDataset, sampler: ResumableSampler, micro_batch: int, channels,
                  device: torch.device, chunk: ContextChunk = ContextChunk()):
@@ -104,6 +118,7 @@ class BatchStream:
                              "data-parallel ranks")
         self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
         self.channels, self.device, self.chunk = channels, device, chunk
+        self.vocab_size: int | None = None
         self._iter = None
 
     def next_samples(self) -> list[int]:
@@ -125,7 +140,8 @@ class BatchStream:
         return [ahead.next_samples() for _ in range(micro_batches)]
 
     def next_micro_batch(self) -> MicroBatch:
-        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk)
+        return read_micro_batch(self.dataset, self.next_samples(), self.channels, self.device, self.chunk,
+                                self.vocab_size)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -83,12 +83,16 @@ class ParallelSection:
     micro_batch`` must divide into ``tp × cp`` equal pieces. Data parallelism takes the remaining ranks:
     DP = world / (tp · cp).
     ``experts``: MoE experts as grouped GEMMs (``grouped``), Megatron's per-expert loop (``sequential``), or
-    ``auto`` (grouped on CUDA in bf16); one checkpoint layout, so a run may switch between them."""
+    ``auto`` (grouped on CUDA in bf16); one checkpoint layout, so a run may switch between them.
+    ``dispatcher``: MoE token dispatch. ``sorted`` (EP = 1 only): tokens sorted by expert on the device, no host
+    synchronisation (``megatron.dispatch``); ``allgather``/``alltoall``: Megatron-Core's dispatchers (any EP; they
+    read routing counts on the host); ``auto``: sorted at EP = 1, otherwise alltoall on GPU (allgather on the CPU,
+    where alltoall cannot run). No parameters of their own: a checkpoint does not depend on it."""
 
     tp: int = 1
     ep: int = 1
     cp: int = 1
-    dispatcher: Literal["allgather", "alltoall"] = "allgather"
+    dispatcher: Literal["auto", "sorted", "allgather", "alltoall"] = "auto"
     attention_backend: str = "auto"
     experts: Literal["auto", "grouped", "sequential"] = "auto"
 
@@ -406,6 +410,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(p.tp >= 1, src, "parallel.tp", f"must be >= 1, got {p.tp}")
     _check(p.ep >= 1, src, "parallel.ep", f"must be >= 1, got {p.ep}")
     _check(p.cp >= 1, src, "parallel.cp", f"must be >= 1, got {p.cp}")
+    _check(p.dispatcher != "sorted" or p.ep == 1, src, "parallel.dispatcher",
+           f"'sorted' needs parallel.ep 1 (got {p.ep}): use allgather or alltoall, or auto")
     _check((d.seq_len * d.micro_batch) % (p.tp * p.cp) == 0, src, "data.seq_len",
            f"{d.seq_len} × data.micro_batch {d.micro_batch} must be divisible by parallel.tp × parallel.cp = "
            f"{p.tp} × {p.cp} (equal context-parallel chunks, each split over TP by sequence parallelism)")

@@ -42,7 +42,7 @@ class TeacherTargets(Protocol):
 
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
-                     chunk_size: int) -> torch.Tensor:
+                     chunk_size: int, check_labels: bool = True) -> torch.Tensor:
         """``Σ_t w_t · ℓ_t`` of each of ``losses`` between the student's vocab-parallel logits [N, V_local] and
         this teacher; returns [K] (the contract of ``ops.losses.logit_losses``)."""
         ...
@@ -85,9 +85,9 @@ class DenseTargets:
 
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
-                     chunk_size: int) -> torch.Tensor:
+                     chunk_size: int, check_labels: bool = True) -> torch.Tensor:
         return logit_losses(student_logits, self.logits, losses, weights, labels=labels, vocab_size=vocab_size,
-                            tp_group=tp_group, chunk_size=chunk_size)
+                            tp_group=tp_group, chunk_size=chunk_size, check_labels=check_labels)
 
 
 class OnlineTeacher:
@@ -148,11 +148,12 @@ class SparseTargets:
 
     def logit_losses(self, student_logits: torch.Tensor, losses: Sequence[LogitLoss], weights: torch.Tensor, *,
                      labels: torch.Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None,
-                     chunk_size: int) -> torch.Tensor:
+                     chunk_size: int, check_labels: bool = True) -> torch.Tensor:
         """The teacher losses on the stored partition; ``ce`` (teacher-free) on the dense student logits, in the same
         call (the fused path reads the logits once for all of them)."""
         return sparse_logit_losses(student_logits, self.ids, self.logprobs, self.log_tail, losses, weights,
-                                   labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size)
+                                   labels=labels, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size,
+                                   check_labels=check_labels)
 
 
 class OfflineTeacher:

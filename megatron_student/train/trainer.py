@@ -42,6 +42,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from ..checkpoint import VOCAB_DIVISIBLE_BY, CheckpointLayout, CheckpointRecord, load_model, single_process_group
 from ..dtypes import DTYPES
+from ..host_syncs import to_device_async
 from ..kernels import first_step_notice
 from ..megatron import ParallelConfig, initialize_parallel
 from ..ops.losses import (
@@ -167,6 +168,7 @@ class Trainer:
         self.student, self.student_config, self.student_config_dict = load_model(student_source, "student",
                                                                                  student_parallel)
         self.vocab_size = self.student_config.vocab_size
+        self.stream.vocab_size = self.vocab_size  # labels checked on the host as batches are built
         self.teachers = teacher_signals(cfg, student_parallel, self.vocab_size, self.device)
         for plan in self.teachers:
             plan.signal.check_student(self.student_config)
@@ -251,7 +253,8 @@ class Trainer:
         for plan, teacher in zip(self.teachers, targets):
             sums = teacher.logit_losses(student_logits[0], plan.losses, mb.weights, labels=mb.targets,
                                         vocab_size=self.vocab_size, tp_group=self.tp_group,
-                                        chunk_size=self.config.losses.chunk_size)
+                                        chunk_size=self.config.losses.chunk_size,
+                                        check_labels=False)  # checked as the stream built the batch
             loss = loss + sum(w * s for w, s in zip(plan.weights, sums)) / normaliser
             parts.update({name: (s / normaliser).detach() for name, s in zip(plan.names(), sums)})
         teacher = next((t for plan, t in zip(self.teachers, targets) if plan.signal is self.online), None)
@@ -282,8 +285,8 @@ class Trainer:
     def train_step(self) -> StepRecord:
         """One optimiser step. Loss components and NaN checks stay on the device until the gradient norm, the
         loop's one host synchronisation before the update (clipping and the skip decision need it on the host);
-        what the record needs is read there, while the GPU is idle, and the optimizer update is queued last. The
-        step time spans CUDA events on GPU (host clock on CPU)."""
+        what the record needs is read right after it in one read, while the GPU is idle, and the optimizer update
+        is queued last. The step time spans CUDA events on GPU (host clock on CPU)."""
         cfg = self.config
         clock = StepClock(self.device)
         batches = [self.stream.next_micro_batch() for _ in range(self.accumulation)]
@@ -302,30 +305,32 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value
         finalize_model_grads([self.ddp])
         grad_norm = self.optimizer.grad_norm()
-        bad = False
-        for values in checks:  # the GPU has caught up at the gradient norm: no wait here
-            try:
-                check_finite(values, self.step)
-            except NonFiniteLossError as e:
-                bad = True
-                if self.rank == 0 or self.dp_size * self.chunk.size > 1:
-                    print(f"[rank {self.rank}] step {self.step}: {e}", flush=True)
-        flag = torch.tensor([float(bad or not math.isfinite(grad_norm))], device=self.device)
+        # After the gradient norm the GPU has caught up: one more read brings everything else the step needs to
+        # the host. The non-finite flag is the maximum over every rank; token counts and loss components are summed
+        # over DP × CP (each rank's components are its share of the step's loss: the normaliser counts every
+        # DP × CP rank's tokens and is divided by DP × CP for DDP's gradient average, so their mean is the loss).
+        values = [v.detach().reshape(()).double() for parts in checks for v in parts.values()]
+        flag = (~torch.isfinite(torch.stack(values)).all()).double().reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        skipped = bool(flag.item())
-        tokens = torch.tensor([float(sum(mb.num_tokens for mb in batches)),
-                               float(sum(mb.analysis_tokens for mb in batches)),
-                               float(sum(mb.final_tokens for mb in batches))], device=self.device)
-        dist.all_reduce(tokens, group=self.dp_cp_group)
-        # Each rank's components are its share of the step's loss (the normaliser counts every DP × CP rank's
-        # tokens and is divided by DP × CP for DDP's gradient average): their DP × CP mean is the step's loss.
         names = sorted(totals)
-        shares = torch.stack([torch.as_tensor(totals[n], dtype=torch.float64, device=self.device).detach() for n in names])
+        counts = to_device_async(torch.tensor([float(sum(mb.num_tokens for mb in batches)),
+                                               float(sum(mb.analysis_tokens for mb in batches)),
+                                               float(sum(mb.final_tokens for mb in batches))], dtype=torch.float64),
+                                 self.device)
+        sums = torch.cat([counts, torch.stack([totals[n].detach().double().reshape(()) for n in names])])
         if self.dp_cp_group.size() > 1:
-            dist.all_reduce(shares, group=self.dp_cp_group)
-            shares /= self.dp_cp_group.size()
-        components = dict(zip(names, shares.tolist()))
-        tokens = tokens.tolist()
+            dist.all_reduce(sums, group=self.dp_cp_group)
+        read = torch.cat([flag, sums]).tolist()
+        skipped = read[0] > 0 or not math.isfinite(grad_norm)
+        if read[0] > 0:  # name the non-finite components this rank saw (host reads, on this rare path only)
+            for parts in checks:
+                try:
+                    check_finite(parts, self.step)
+                except NonFiniteLossError as e:
+                    if self.rank == 0 or self.dp_size * self.chunk.size > 1:
+                        print(f"[rank {self.rank}] step {self.step}: {e}", flush=True)
+        tokens = read[1:4]
+        components = {name: value / self.dp_cp_group.size() for name, value in zip(names, read[4:])}
         lr = learning_rate(cfg, self.step)
         if skipped:
             self.consecutive_bad += 1
