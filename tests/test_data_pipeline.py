@@ -136,7 +136,9 @@ def test_prepare_demo_dataset_end_to_end(tmp_path):
     assert cli_main(["prepare-data", "--manifest", str(DEMO / "demo_manifest.yaml"), "--output", str(out),
                      "--seq-len", "1024", "--no-progress"]) == 0
     stats = json.loads((out / "stats.json").read_text())
-    lines = (DEMO / "demo_conversations.jsonl").read_text().splitlines()
+    lines = [line for source in load_manifest(DEMO / "demo_manifest.yaml").sources for path in source.files
+             for line in path.read_text().splitlines()]
+    assert len(lines) == 425
     assert stats["records"]["accepted"] == len(lines) and stats["records"]["rejected"] == 0
     train, valid = stats["splits"]["train"], stats["splits"]["valid"]
     assert train["conversations"] + valid["conversations"] == len(lines) and valid["conversations"] > 0
@@ -238,3 +240,23 @@ def test_manifest_errors_name_the_file_and_field(tmp_path, edit, message):
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_demo_drills_are_reproducible_and_hold_out_the_demo_suite():
+    """The bundled drills are what tools/make_demo_drills.py writes, and no prompt of the demo's evaluation suite is
+    among the demo's training conversations."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_demo_drills", DEMO.parents[1] / "tools" / "make_demo_drills.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    bundled = [json.loads(line) for line in (DEMO / "demo_drills.jsonl").read_text().splitlines()]
+    assert bundled == tool.drills(len(bundled))
+    suite = {p["prompt"] for p in yaml.safe_load((DEMO / "eval_suite_demo.yaml").read_text())["generation"]["prompts"]}
+    users = set()
+    for name in ("demo_conversations.jsonl", "demo_drills.jsonl"):
+        for line in (DEMO / name).read_text().splitlines():
+            record = json.loads(line)
+            users.add(record.get("prompt"))
+            users.update(m["content"] for m in record.get("messages", []) if m["role"] == "user")
+    assert len(suite) == 8 and not suite & users

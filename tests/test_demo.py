@@ -40,12 +40,10 @@ def test_demo_end_to_end(demo):
                  "eval/stage_b/retrieval.png", "eval/stage_b/kl_by_channel.png", "eval/stage_b/router.png"):
         assert (out / name).exists(), name
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The teacher learns to speak Harmony; the student gets closer to it stage by stage. Compliance is measured on 8
-    # prompts and is not yet stable across machines (teacher 62% on an H200, 62-100% on CPU depending on the AdamW
-    # implementation; the 90% is not met everywhere), so the test holds the teacher to a majority and the
-    # transfer to the held-out KL, which fell init > stage A > stage B in every run measured.
-    assert report["teacher_training"]["last_loss"] < report["teacher_training"]["first_loss"] / 10
-    assert report["teacher_compliance"] >= 0.5
+    # The teacher learns to speak Harmony (the demo's 8 prompts; with the format drills 100% at the demo's seed on
+    # CPU, 88-100% over seeds); the student gets closer to it stage by stage: held-out KL init > stage A > stage B.
+    assert report["teacher_training"]["last_loss"] < report["teacher_training"]["first_loss"] / 5
+    assert report["teacher_compliance"] >= 0.9
     transfer = report["transfer"]
     assert list(transfer) == ["init", "stage A", "stage B"]
     assert transfer["init"]["kl"] > transfer["stage A"]["kl"] > transfer["stage B"]["kl"]

@@ -127,3 +127,28 @@ def test_generate_command(student_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     count = re.search(r"\((\d+) tokens generated\)", result.stdout)
     assert count and 1 <= int(count.group(1)) <= 4, result.stdout
+
+
+def test_teacher_on_sink_attention_equals_eager(student_dir):
+    """Evaluation runs the teacher's attention through ops.attention (teacher.attention): logits of a prompt longer
+    than the sliding window, cached greedy decoding and a left-padded batch (transformers' eager path) are those of
+    transformers' own eager gpt-oss attention."""
+    from megatron_student.teacher.attention import SINK_ATTENTION, use_sink_attention
+    from megatron_student.teacher.checkpoint import load_teacher_model
+
+    teacher = student_dir.parent / "teacher"
+    eager, sink = load_teacher_model(teacher).eval(), load_teacher_model(teacher).eval()
+    use_sink_attention(sink)
+    assert sink.config._attn_implementation == SINK_ATTENTION and sink.config.sliding_window < 300
+    ids = prompt(11, 300)[None]
+    with torch.no_grad():
+        assert rel(sink(input_ids=ids).logits, eager(input_ids=ids).logits) < 1e-5
+    a, b = generate(eager, ids, steps=8), generate(sink, ids, steps=8)
+    assert torch.equal(a.sequences, b.sequences)
+    assert rel(torch.stack(b.logits), torch.stack(a.logits)) < 1e-5
+    short, long = prompt(12, 40), prompt(13, 60)
+    batch = torch.full((2, 60), PAD)
+    batch[0, 20:], batch[1] = short, long
+    mask = (torch.arange(60) >= torch.tensor([[20], [0]])).long()
+    a, b = generate(eager, batch, mask), generate(sink, batch, mask)
+    assert torch.equal(a.sequences, b.sequences)

@@ -53,9 +53,12 @@ def load_eval_model(path: str | Path, device: torch.device, dtype: torch.dtype, 
                                 f"(metadata.json or {TRACKER_NAME})")
     model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type == "gpt_oss":
+        from ..teacher.attention import use_sink_attention
         from ..teacher.checkpoint import load_teacher_model
 
-        return load_teacher_model(path, dtype=dtype, device=device), "teacher"
+        teacher = load_teacher_model(path, dtype=dtype, device=device)
+        use_sink_attention(teacher)  # eager gpt-oss attention cannot hold the long needles' [T, T] scores
+        return teacher, "teacher"
     from ..student.modeling import StudentForCausalLM
 
     if model_type != StudentForCausalLM.config_class.model_type:
