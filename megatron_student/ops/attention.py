@@ -132,8 +132,11 @@ def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     # dynamic=None: the first shape gets a static kernel (training's one packed length); the first other length
-    # recompiles once with the length symbolic. dynamic=False recompiled per prompt length in evaluation, and after
-    # dynamo's recompile limit (8) flex_attention ran eagerly, materialising [T, T] scores (64 GiB at 32k tokens).
+    # recompiles once with the length symbolic. Past dynamo's recompile limit flex_attention runs eagerly and
+    # materialises the [T, T] scores (64 GiB at 32k tokens): dynamic=False recompiled per prompt length, and one
+    # evaluation process still compiles a kernel per mask and model variant (window or none, the student's and the
+    # teacher's scale and head grouping, static then dynamic), more than the default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=None)
 
 
