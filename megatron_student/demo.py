@@ -105,11 +105,11 @@ def train_tiny_teacher(teacher_dir: Path, data_dir: Path, steps: int, lr: float,
         for row, d in enumerate(chosen):
             ids[row, :len(d.input_ids)], targets[row, :len(d.input_ids)], mask[row, :len(d.input_ids)] = (
                 d.input_ids, d.targets, 1)
+        targets = torch.where(targets != -100, vocabulary.index[targets.clamp(min=0)], -100)  # trained rows
         ids, targets, mask = vocabulary.index[ids].to(device), targets.to(device), mask.to(device)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         scored = targets != -100
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[scored]),
-                                                 vocabulary.index.to(device)[targets[scored]])
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[scored]), targets[scored])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -21,16 +21,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def _run(student, teacher, specs, weights, labels, backend):
+def _run(student, losses, upstream):
+    """(values, the student's gradient, peak memory above the start, ms) of ``losses(student)`` and its backward with
+    ``upstream`` weights on the values."""
     student = student.detach().requires_grad_(True)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    values = logit_losses(student, teacher, specs, weights, labels=labels, vocab_size=VOCAB, chunk_size=1024,
-                          backend=backend)
-    (values * torch.tensor([0.8, 0.2], device="cuda")).sum().backward()
+    values = losses(student)
+    (values * upstream).sum().backward()
     end.record()
     end.synchronize()
     return values.detach(), student.grad, torch.cuda.max_memory_allocated() - base, start.elapsed_time(end)
@@ -48,7 +49,9 @@ def test_fused_logit_losses_at_gpt_oss_width(temperature):
     specs = [LogitLoss("forward_kl", temperature), LogitLoss("ce")]
     runs = {}
     for backend in ("torch", "fused", "torch", "fused"):  # the second of each is timed warm
-        runs[backend] = _run(student, teacher, specs, weights, labels, backend)
+        runs[backend] = _run(student, lambda s: logit_losses(s, teacher, specs, weights, labels=labels, vocab_size=VOCAB,
+                                                             chunk_size=1024, backend=backend),
+                             torch.tensor([0.8, 0.2], device="cuda"))
     (ref, ref_grad, ref_peak, ref_ms), (fused, grad, peak, ms) = runs["torch"], runs["fused"]
     print(f"T={temperature}: torch path {ref_ms:.1f} ms, {ref_peak / 2**30:.2f} GiB; fused {ms:.1f} ms, "
           f"{peak / 2**30:.2f} GiB; values rel {rel(fused, ref):.1e}, grad rel {rel(grad, ref_grad):.1e}")
@@ -58,21 +61,6 @@ def test_fused_logit_losses_at_gpt_oss_width(temperature):
     # the gradient buffer [T, V] bf16 plus O(T) statistics: no float32 [T, V] (or [chunk, V]) tensor
     assert peak < ROWS * PADDED * 2 + 2**26, peak
     assert ms * 3 < ref_ms, (ms, ref_ms)
-
-
-def _run_sparse(student, rows, specs, weights, labels, upstream, backend):
-    student = student.detach().requires_grad_(True)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    values = sparse_logit_losses(student, *rows, specs, weights, labels=labels, vocab_size=VOCAB, chunk_size=1024,
-                                 backend=backend)
-    (values * upstream).sum().backward()
-    end.record()
-    end.synchronize()
-    return values.detach(), student.grad, torch.cuda.max_memory_allocated() - base, start.elapsed_time(end)
 
 
 def captured_rows(teacher: torch.Tensor, k: int, min_k: int, generator: torch.Generator):
@@ -112,7 +100,9 @@ def test_fused_sparse_losses_at_gpt_oss_width(name):
     upstream = torch.linspace(0.2, 1.0, len(specs), device="cuda")
     runs = {}
     for backend in ("torch", "fused", "torch", "fused"):  # the second of each is timed warm
-        runs[backend] = _run_sparse(student, rows, specs, weights, labels, upstream, backend)
+        runs[backend] = _run(student, lambda s: sparse_logit_losses(s, *rows, specs, weights, labels=labels,
+                                                                    vocab_size=VOCAB, chunk_size=1024, backend=backend),
+                             upstream)
     (ref, ref_grad, ref_peak, ref_ms), (fused, grad, peak, ms) = runs["torch"], runs["fused"]
     print(f"sparse {name}, k = {compression.top_k}: torch path {ref_ms:.1f} ms, {ref_peak / 2**30:.2f} GiB; fused "
           f"{ms:.1f} ms, {peak / 2**30:.2f} GiB; values rel {rel(fused, ref):.1e}, grad rel {rel(grad, ref_grad):.1e}")
