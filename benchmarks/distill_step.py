@@ -1,10 +1,12 @@
 """One distillation step on one GPU, three ways, one table: the Megatron-Core path with per-expert experts
 (``SequentialMLP``), the chunked torch logit losses and Megatron's token dispatcher (the path before issue 18), with
 grouped-GEMM experts (``GroupedExperts``), the fused Triton logit losses (``ops.logit_kernels``) and the sync-free
-sorted token dispatch (``megatron.dispatch``; what the trainer runs on CUDA at EP = 1), and an HF-transformers + fla
-step as a DistillKit-style user writes it. ``grouped_megatron_dispatch`` is the grouped path with Megatron's alltoall
-dispatcher (allgather on the CPU), the dispatch's share of the difference; ``grouped_torch_loss`` (not run by
-default) the grouped path with the torch losses, the fused losses' share.
+sorted token dispatch (``megatron.dispatch``) and the vectorised main-grad accumulation
+(``megatron.grad_accumulation.AccumulatingDDP``): what the trainer runs on CUDA at EP = 1, and an HF-transformers +
+fla step as a DistillKit-style user writes it. ``grouped_megatron_dispatch`` is the grouped path with Megatron's
+alltoall dispatcher (allgather on the CPU), the dispatch's share of the difference; not run by default:
+``grouped_torch_loss`` the grouped path with the torch losses (the fused losses' share) and ``grouped_megatron_ddp``
+with Megatron's own DDP (the accumulation's share).
 
 Host synchronisations per step (``host_syncs.HostSyncs``: torch's CUDA sync debug mode, one extra untimed step per
 path) are counted next to the time: each one stalls the launch queue until the GPU has caught up.
@@ -27,7 +29,7 @@ Model FLOPs per step (MFU = FLOPs / (step time × peak)): student 3 × forward, 
 attention 4·H·D per visible key, KDA chunked). Peak: ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
 
     python benchmarks/distill_step.py --output runs/distill_step [--profile] \
-        [--paths sequential grouped_megatron_dispatch grouped_torch_loss grouped hf]
+        [--paths sequential grouped_megatron_dispatch grouped_torch_loss grouped_megatron_ddp grouped hf]
     python benchmarks/distill_step.py --tiny --output /tmp/distill_step          # CPU smoke run, small width
 
 Prints one table and writes ``<output>/distill_step.json`` (with each path's sync sites); ``--profile`` adds
@@ -57,17 +59,21 @@ from train_step import WIDTH, active_matmul_params, mixing_flops_forward  # noqa
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage_b_full_distill.yaml"
 TINY = dict(hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
             num_local_experts=8, num_experts_per_tok=4, num_hidden_layers=4, sliding_window=16, vocab_size=1024)
-PATHS = ("sequential", "grouped_megatron_dispatch", "grouped_torch_loss", "grouped", "hf")
+PATHS = ("sequential", "grouped_megatron_dispatch", "grouped_torch_loss", "grouped_megatron_ddp", "grouped", "hf")
 DEFAULT_PATHS = ("sequential", "grouped_megatron_dispatch", "grouped", "hf")
 LABELS = {"sequential": "megatron, SequentialMLP, torch loss (before)",
           "grouped_megatron_dispatch": "megatron, grouped, fused loss, megatron dispatch",
           "grouped_torch_loss": "megatron, grouped experts, torch loss",
+          "grouped_megatron_ddp": "megatron, grouped, fused loss, sorted, Megatron DDP add",
           "grouped": "megatron, grouped, fused loss, sorted dispatch", "hf": "HF transformers + fla (DistillKit-style)"}
-# path → (experts, logit-loss backend, token dispatcher); ``auto`` is the trainer's choice (fused losses on CUDA; the
-# sorted dispatch at EP = 1); "megatron" is Megatron's alltoall dispatcher (allgather on the CPU: alltoall needs CUDA)
-MEGATRON_PATHS = {"sequential": ("sequential", "torch", "megatron"),
-                  "grouped_megatron_dispatch": ("grouped", "auto", "megatron"),
-                  "grouped_torch_loss": ("grouped", "torch", "auto"), "grouped": ("grouped", "auto", "auto")}
+# path → (experts, logit-loss backend, token dispatcher, DDP); ``auto`` is the trainer's choice (fused losses on CUDA;
+# the sorted dispatch at EP = 1); "megatron" is Megatron's alltoall dispatcher (allgather on the CPU: alltoall needs
+# CUDA) or Megatron's DDP (its own main_grad add), "accumulating" the trainer's ``AccumulatingDDP``
+MEGATRON_PATHS = {"sequential": ("sequential", "torch", "megatron", "megatron"),
+                  "grouped_megatron_dispatch": ("grouped", "auto", "megatron", "accumulating"),
+                  "grouped_torch_loss": ("grouped", "torch", "auto", "accumulating"),
+                  "grouped_megatron_ddp": ("grouped", "auto", "auto", "megatron"),
+                  "grouped": ("grouped", "auto", "auto", "accumulating")}
 # synchronising host calls the profile counts (each one stalls the launch queue until the GPU catches up)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
               "aten::item", "aten::nonzero", "aten::masked_select")
@@ -109,12 +115,15 @@ def step_flops(teacher_hf, student_hf, teacher_config, student_config, length: i
     return {"student_forward": student, "teacher_forward": teacher, "step": 3 * student + teacher}
 
 
-def megatron_step(experts: str, loss_backend: str, dispatcher: str, teacher_hf, student_hf, length: int,
-                  device: torch.device):
+def megatron_step(experts: str, loss_backend: str, dispatcher: str, ddp_kind: str, teacher_hf, student_hf,
+                  length: int, device: torch.device):
     """The trainer's per-micro-batch work on Megatron models holding the HF weights, with ``experts``
-    (``ParallelConfig.experts``), the logit losses' ``backend`` and the token ``dispatcher`` (``megatron``: Megatron's
-    alltoall, allgather on the CPU); returns the step function."""
+    (``ParallelConfig.experts``), the logit losses' ``backend``, the token ``dispatcher`` (``megatron``: Megatron's
+    alltoall, allgather on the CPU) and the DDP wrapper (``megatron`` or ``accumulating``); returns the step
+    function."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_student.megatron.grad_accumulation import AccumulatingDDP
 
     from megatron_student.megatron import (ParallelConfig, build_student, build_teacher, initialize_parallel,
                                            load_hf_weights, restore_fp32_parameters)
@@ -134,7 +143,8 @@ def megatron_step(experts: str, loss_backend: str, dispatcher: str, teacher_hf, 
         restore_fp32_parameters(model)
         load_hf_weights(model, hf.state_dict())
     online = OnlineTeacher(teacher, teacher_hf.config)
-    ddp = DistributedDataParallel(student.config, DistributedDataParallelConfig(
+    ddp_class = {"megatron": DistributedDataParallel, "accumulating": AccumulatingDDP}[ddp_kind]
+    ddp = ddp_class(student.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cuda), student)
     stage = load_config(CONFIG, [])
     losses, loss_weights = stage.logit_losses(), [item.weight for item in stage.losses.logits]

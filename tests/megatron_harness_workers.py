@@ -317,3 +317,37 @@ def packed_documents_worker(rank: int, world: int, which: str, plan, seed: int):
         logits.square().mean().backward()
         out.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     return out
+
+
+def grad_accumulation_worker(rank: int, world: int, seed: int):
+    """Two micro-batches through Megatron's DDP and through ``AccumulatingDDP`` (its kernel taken for every tensor of
+    at least 256 elements; Triton's interpreter on the CPU) on two copies of one student: the reduced main grads of
+    both. Also one bf16 gradient added by the kernel and by ``add_``."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_student.megatron.grad_accumulation import AccumulatingDDP, accumulate_, fast_accumulation_applies
+
+    class SmallTensorsToo(AccumulatingDDP):
+        min_elements = 256
+
+    grads, taken = {}, 0
+    for name, wrapper in (("megatron", DistributedDataParallel), ("accumulating", SmallTensorsToo)):
+        model = build("student", None, 1, 1, seed)
+        ddp = wrapper(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        ddp.zero_grad_buffer()
+        for micro in range(2):
+            tokens, labels = batch(seed + 100 + micro)
+            ddp(tokens, None, None, labels=labels).float().mean().backward()
+        finalize_model_grads([ddp])
+        grads[name] = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
+        if name == "accumulating":
+            taken = sum(fast_accumulation_applies(p.main_grad, p.main_grad, SmallTensorsToo.min_elements)
+                        for p in model.parameters())
+            flags = {n: p.grad_added_to_main_grad for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(seed)
+    main = torch.randn(5000, generator=g)
+    grad = torch.randn(5000, generator=g).to(torch.bfloat16)
+    by_kernel, by_add = main.clone(), main.clone()
+    accumulate_(by_kernel, grad, min_elements=1)
+    by_add.add_(grad)
+    return {"grads": grads, "taken": taken, "flags": flags, "bf16": (by_kernel, by_add)}

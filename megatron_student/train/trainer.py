@@ -38,13 +38,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 
 from ..checkpoint import VOCAB_DIVISIBLE_BY, CheckpointLayout, CheckpointRecord, load_model, single_process_group
 from ..dtypes import DTYPES
 from ..host_syncs import to_device_async
 from ..kernels import first_step_notice
 from ..megatron import ParallelConfig, initialize_parallel
+from ..megatron.grad_accumulation import AccumulatingDDP
 from ..ops.losses import (
     LogitLoss,
     NonFiniteLossError,
@@ -176,7 +177,7 @@ class Trainer:
         self.online = next((plan.signal for plan in self.teachers if plan.signal.num_layers), None)
 
         self.frozen = apply_freeze(self.student, cfg)
-        self.ddp = DistributedDataParallel(
+        self.ddp = AccumulatingDDP(
             self.student.config, DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 use_distributed_optimizer=self.optimizer_implementation == "megatron" and cfg.optimizer.distributed),
