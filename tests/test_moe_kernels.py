@@ -21,47 +21,51 @@ HIDDEN, INTER = 40, 136
 NAMES = ("out", "rows", "weights", "gate_up", "gate_up_bias", "down", "down_bias")
 
 
-def sorted_rows(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = torch.tensor(counts, dtype=torch.int32)
-    return counts.cumsum(0, dtype=torch.int32), torch.repeat_interleave(torch.arange(len(counts)), counts)
+def sorted_rows(counts: list[int], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """group_ends [E] int32 and row_expert [M] of rows sorted by expert with ``counts`` rows each."""
+    counts = torch.tensor(counts, dtype=torch.int32, device=device)
+    return counts.cumsum(0, dtype=torch.int32), torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                                                        counts)
 
 
-def expert_case(layout: str, dtype: torch.dtype, seed: int) -> dict:
+def expert_case(layout: str, dtype: torch.dtype, seed: int, counts: list[int] = COUNTS, hidden: int = HIDDEN,
+                inter: int = INTER) -> dict:
     """Rows, routing weights and parameters; fc1 outputs of std ~5, so that some pass the clamp limit of 7."""
     g = torch.Generator().manual_seed(seed)
-    m, experts = sum(COUNTS), len(COUNTS)
-    return {"layout": layout, "dtype": dtype, "grad": torch.randn(m, HIDDEN, generator=g),
-            "inputs": [torch.randn(m, HIDDEN, generator=g), torch.rand(m, generator=g),
-                       4 * torch.randn(experts, HIDDEN, 2 * INTER, generator=g) / HIDDEN ** 0.5,
-                       2 * torch.randn(experts, 2 * INTER, generator=g),
-                       torch.randn(experts, INTER, HIDDEN, generator=g) / INTER ** 0.5,
-                       torch.randn(experts, HIDDEN, generator=g)]}
+    m, experts = sum(counts), len(counts)
+    return {"layout": layout, "dtype": dtype, "counts": counts, "grad": torch.randn(m, hidden, generator=g),
+            "inputs": [torch.randn(m, hidden, generator=g), torch.rand(m, generator=g),
+                       4 * torch.randn(experts, hidden, 2 * inter, generator=g) / hidden ** 0.5,
+                       2 * torch.randn(experts, 2 * inter, generator=g),
+                       torch.randn(experts, inter, hidden, generator=g) / inter ** 0.5,
+                       torch.randn(experts, hidden, generator=g)]}
 
 
-def run_expert_mlp(case: dict, fused: bool) -> list[torch.Tensor]:
+def run_expert_mlp(case: dict, fused: bool | None, device="cpu") -> list[torch.Tensor]:
     """expert_mlp_grouped on the case in its dtype: the output and the gradients of every input."""
-    group_ends, row_expert = sorted_rows(COUNTS)
-    leaves = [t.to(case["dtype"], copy=True).requires_grad_(True) for t in case["inputs"]]
+    group_ends, row_expert = sorted_rows(case["counts"], device)
+    leaves = [t.to(device=device, dtype=case["dtype"], copy=True).requires_grad_(True) for t in case["inputs"]]
     rows, weights, *params = leaves
     out = expert_mlp_grouped(rows, group_ends, row_expert, weights, *params, ExpertActivation(case["layout"]),
                              fused=fused)
-    out.backward(case["grad"].to(case["dtype"]))
+    out.backward(case["grad"].to(device=device, dtype=case["dtype"]))
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def reference_expert_mlp(case: dict) -> list[torch.Tensor]:
-    """The same in float64 (inputs rounded to the case's dtype first), one expert at a time with the reference
+def reference_expert_mlp(case: dict, dtype: torch.dtype = torch.float64, device="cpu") -> list[torch.Tensor]:
+    """The same in ``dtype`` (inputs rounded to the case's dtype first), one expert at a time with the reference
     activation of ``ops.moe``."""
-    leaves = [t.to(case["dtype"]).double().requires_grad_(True) for t in case["inputs"]]
+    leaves = [t.to(case["dtype"]).to(device=device, dtype=dtype, copy=True).requires_grad_(True)
+              for t in case["inputs"]]
     rows, weights, gate_up, gate_up_bias, down, down_bias = leaves
     activation, out, start = ExpertActivation(case["layout"]), [], 0
-    for expert, count in enumerate(COUNTS):
+    for expert, count in enumerate(case["counts"]):
         part = slice(start, start + count)
         start += count
         hidden = rows[part] @ gate_up[expert] + gate_up_bias[expert]
         out.append((activation(hidden) @ down[expert] + down_bias[expert]) * weights[part, None])
     out = torch.cat(out)
-    out.backward(case["grad"].double())
+    out.backward(case["grad"].to(device=device, dtype=dtype))
     return [out.detach()] + [t.grad for t in leaves]
 
 
