@@ -4,7 +4,7 @@ weights and both biases, "stacked" (Megatron) and "interleaved" (HF) SwiGLU, fp3
 composition's own error, twice that in the interpreter), an expert without rows, M not a multiple of the kernels'
 row block, I over one column block; the SwiGLU kernels on values at and beyond the clamp limits (the gradient is 0
 exactly where the reference's is); the per-expert bias sums. The kernels run in Triton's interpreter on CPU tensors,
-in a spawned process; about 20 s."""
+in a spawned process; about 20 s. Also ``ExpertSort.rows``'s backward without atomics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from losses_workers import spawn
 from megatron_harness import rel
-from megatron_student.ops.moe import SWIGLU_LIMIT, ExpertActivation, expert_mlp_grouped, fused_epilogues_available
+from megatron_student.ops.moe import (SWIGLU_LIMIT, ExpertActivation, ExpertSort, expert_mlp_grouped,
+                                      fused_epilogues_available, router_topk_softmax)
 
 # expert 1 gets no row; M = 103 rows (not a multiple of the row blocks), 2I = 272 columns (over one column block)
 COUNTS = [37, 0, 50, 13, 3]
@@ -164,3 +165,20 @@ def test_torch_composition_is_the_default_on_cpu():
     assert not fused_epilogues_available(torch.zeros(1, dtype=torch.float64))
     with pytest.raises(ValueError, match="layout 'gate_up': choose one of interleaved, stacked"):
         ExpertActivation("gate_up")
+
+
+def test_sorted_rows_gradient_sums_each_tokens_slots():
+    """ExpertSort.rows: the index_select forward; the gradient of x summed per token from its k sorted rows by a
+    permutation and one reduction (the backward node is ours, not index_select's index_add)."""
+    g = torch.Generator().manual_seed(2)
+    tokens, experts, top_k, hidden = 37, 6, 3, 8
+    _, indices = router_topk_softmax(torch.randn(tokens, experts, generator=g), top_k)
+    sort = ExpertSort.of(indices, experts)
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(tokens * top_k, hidden, generator=g, dtype=torch.float64)
+    rows = sort.rows(x)
+    assert type(rows.grad_fn).__name__ == "_SortedRowsBackward"
+    assert torch.equal(rows, x.index_select(0, sort.order // top_k))
+    (ours,) = torch.autograd.grad(rows, x, grad)
+    (reference,) = torch.autograd.grad(x.index_select(0, sort.order // top_k), x, grad)
+    assert rel(ours, reference) < 1e-15

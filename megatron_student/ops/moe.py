@@ -261,10 +261,11 @@ class ExpertSort:
         return self.counts.cumsum(0, dtype=torch.int32)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] → [N·k, H], each pair's token in sorted order. index_select, not x[idx]: its backward is an
-        index_add; indexing's backward is an index_put that sorts the indices first (~3 ms per layer for the 32k
-        rows of T = 8192, top-4 on an H200)."""
-        return x.index_select(0, self.order // self.top_k)
+        """x [N, H] → [N·k, H], each pair's token in sorted order (an index_select). Its backward sums each token's
+        k row gradients as :meth:`combine` sums outputs: autograd's backward of index_select is an index_add with
+        atomics (and x[idx]'s an index_put that sorts the indices first, ~3 ms per layer for the 32k rows of
+        T = 8192, top-4 on an H200)."""
+        return _SortedRows.apply(x, self.order, self.top_k)
 
     def row_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """weights [N, k] → [N·k], each pair's routing weight in sorted order."""
@@ -273,8 +274,29 @@ class ExpertSort:
     def combine(self, out: torch.Tensor) -> torch.Tensor:
         """Sorted rows [N·k, H] (already weighted) → [N, H], each token's k rows summed: back to (token, slot)
         order with a permutation (no atomics), then one reduction over the slots."""
-        by_pair = torch.empty_like(out).index_copy_(0, self.order, out)
-        return by_pair.view(-1, self.top_k, out.shape[-1]).sum(1)
+        return _sum_slots(out, self.order, self.top_k)
+
+
+def _sum_slots(rows: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Sorted rows [N·k, H] → [N, H]: back to (token, slot) order with a permutation (no atomics), then each token's
+    k rows summed in one reduction."""
+    by_pair = rows.new_empty(rows.shape).index_copy_(0, order, rows)
+    return by_pair.view(-1, top_k, rows.shape[-1]).sum(1)
+
+
+class _SortedRows(torch.autograd.Function):
+    """x.index_select(0, order // top_k), with the gradient of x as :func:`_sum_slots` of the rows' gradient."""
+
+    @staticmethod
+    def forward(ctx, x, order, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return _sum_slots(grad, order, ctx.top_k), None, None
 
 
 def experts_forward_grouped(
