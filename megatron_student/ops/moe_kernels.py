@@ -38,23 +38,35 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _gate_up(h_ptr, bias_ptr, expert_ptr, rows, cols, mask, n_rows, inter, stride_h, stride_b,
-             INTERLEAVED: tl.constexpr):
-    """Pointer offsets of gate and up in a row of h (and of the bias), and their float32 values with the bias."""
-    if INTERLEAVED:
-        gate_cols = 2 * cols
-        up_cols = 2 * cols + 1
-    else:
-        gate_cols = cols
-        up_cols = cols + inter
-    experts = tl.load(expert_ptr + rows, mask=rows < n_rows, other=0).to(tl.int64)
+def _pair_columns(col_block, inter, BLOCK_N: tl.constexpr):
+    """The interleaved layout's columns of a block's BLOCK_N (gate, up) pairs: 2·BLOCK_N consecutive columns, loaded
+    and stored as one contiguous (vectorised) tile."""
+    cols = col_block * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+    return cols, cols < 2 * inter
+
+
+@triton.jit
+def _gate_up(h_ptr, bias_ptr, expert_ptr, rows, col_block, n_rows, inter, stride_h, stride_b,
+             INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gate and up [BLOCK_M, BLOCK_N] of the column block, float32, with the rows' expert biases added."""
+    row_mask = rows < n_rows
+    experts = tl.load(expert_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     h_row = h_ptr + rows.to(tl.int64)[:, None] * stride_h
     b_row = bias_ptr + experts[:, None] * stride_b
-    gate = tl.load(h_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
-        tl.load(b_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
-        tl.load(b_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    return gate_cols, up_cols, gate, up
+    if INTERLEAVED:
+        cols, col_mask = _pair_columns(col_block, inter, BLOCK_N)
+        mask = row_mask[:, None] & col_mask[None, :]
+        pairs = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
+            tl.load(b_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate, up = tl.split(tl.reshape(pairs, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols < inter)[None, :]
+        gate = tl.load(h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
+            tl.load(b_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_row + inter + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
+            tl.load(b_row + inter + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return gate, up
 
 
 @triton.jit
@@ -62,14 +74,13 @@ def _swiglu_fwd_kernel(h_ptr, bias_ptr, expert_ptr, act_ptr, n_rows, inter, stri
                        limit, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < inter)[None, :]
-    _, _, gate, up = _gate_up(h_ptr, bias_ptr, expert_ptr, rows, cols, mask, n_rows, inter, stride_h, stride_b,
-                              INTERLEAVED)
+    gate, up = _gate_up(h_ptr, bias_ptr, expert_ptr, rows, tl.program_id(1), n_rows, inter, stride_h, stride_b,
+                        INTERLEAVED, BLOCK_M, BLOCK_N)
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
     act = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
-             mask=mask)
+             mask=(rows < n_rows)[:, None] & (cols < inter)[None, :])
 
 
 @triton.jit
@@ -78,11 +89,11 @@ def _swiglu_bwd_kernel(h_ptr, bias_ptr, expert_ptr, grad_act_ptr, grad_h_ptr, n_
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < inter)[None, :]
-    gate_cols, up_cols, gate, up = _gate_up(h_ptr, bias_ptr, expert_ptr, rows, cols, mask, n_rows, inter, stride_h,
-                                            stride_b, INTERLEAVED)
-    grad = tl.load(grad_act_ptr + rows.to(tl.int64)[:, None] * stride_grad_act + cols[None, :], mask=mask,
-                   other=0.0).to(tl.float32)
+    row_mask = rows < n_rows
+    gate, up = _gate_up(h_ptr, bias_ptr, expert_ptr, rows, tl.program_id(1), n_rows, inter, stride_h, stride_b,
+                        INTERLEAVED, BLOCK_M, BLOCK_N)
+    grad = tl.load(grad_act_ptr + rows.to(tl.int64)[:, None] * stride_grad_act + cols[None, :],
+                   mask=row_mask[:, None] & (cols < inter)[None, :], other=0.0).to(tl.float32)
     gate_clamped = tl.minimum(gate, limit)
     up_clamped = tl.minimum(tl.maximum(up, -limit), limit)
     sig = tl.sigmoid(alpha * gate_clamped)
@@ -90,8 +101,15 @@ def _swiglu_bwd_kernel(h_ptr, bias_ptr, expert_ptr, grad_act_ptr, grad_h_ptr, n_
     grad_gate = grad * (up_clamped + 1.0) * sig * (1.0 + alpha * gate_clamped * (1.0 - sig))
     grad_gate = tl.where(gate <= limit, grad_gate, 0.0)
     out = grad_h_ptr + rows.to(tl.int64)[:, None] * stride_grad_h
-    tl.store(out + gate_cols[None, :], grad_gate.to(grad_h_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + up_cols[None, :], grad_up.to(grad_h_ptr.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        pair_cols, col_mask = _pair_columns(tl.program_id(1), inter, BLOCK_N)
+        pairs = tl.reshape(tl.join(grad_gate, grad_up), (BLOCK_M, 2 * BLOCK_N))
+        tl.store(out + pair_cols[None, :], pairs.to(grad_h_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+    else:
+        mask = row_mask[:, None] & (cols < inter)[None, :]
+        tl.store(out + cols[None, :], grad_gate.to(grad_h_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + inter + cols[None, :], grad_up.to(grad_h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -202,7 +220,7 @@ def bias_weight_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, ro
     grad, y, bias, weights = _rows_major(grad), _rows_major(y), _rows_major(bias), weights.contiguous()
     n_rows, n_cols = y.shape
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    grad_w = torch.zeros_like(weights)
+    grad_w = torch.empty_like(weights)
     if n_rows and n_cols:
         _bias_weight_bwd_kernel[(triton.cdiv(n_rows, WEIGHT_BLOCK_M),)](
             grad, y, bias, row_expert, weights, grad_y, grad_w, n_rows, n_cols, grad.stride(0), y.stride(0),
