@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from megatron_harness import rel
-from megatron_student.ops.moe import (ExpertActivation, expert_mlp_grouped, experts_forward, experts_forward_grouped,
-                                      fused_epilogues_available, grouped_mm_available)
+from megatron_student.ops.moe import (SWIGLU_ALPHA, SWIGLU_LIMIT, ExpertActivation, expert_mlp_grouped,
+                                      experts_forward, experts_forward_grouped, fused_epilogues_available,
+                                      grouped_mm_available)
 from test_moe_kernels import NAMES, expert_case, reference_expert_mlp, run_expert_mlp, sorted_rows
 
 pytestmark = pytest.mark.gpu
@@ -101,3 +102,17 @@ def test_fused_epilogues_match_fp32_reference(layout):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert rows.grad is not None and params[1].grad is not None
+
+
+def test_fused_swiglu_keeps_a_nan():
+    """A NaN in the fc1 output stays NaN through the kernel's clamps, as through torch's clamp (the GPU's min/max
+    would otherwise return the limit), so the step's NaN checks still see it."""
+    from megatron_student.ops import moe_kernels
+
+    h = torch.zeros(4, 2 * 256, device="cuda", dtype=torch.bfloat16)
+    h[1, 3] = float("nan")  # stacked: gate of column 3; interleaved: up of column 1
+    bias = torch.zeros(2, 2 * 256, device="cuda", dtype=torch.bfloat16)
+    row_expert = torch.tensor([0, 0, 1, 1], device="cuda")
+    for interleaved, column in ((False, 3), (True, 1)):
+        act = moe_kernels.bias_swiglu(h, bias, row_expert, SWIGLU_ALPHA, SWIGLU_LIMIT, interleaved)
+        assert act.isnan().nonzero().tolist() == [[1, column]], interleaved

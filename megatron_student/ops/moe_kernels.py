@@ -76,8 +76,9 @@ def _swiglu_fwd_kernel(h_ptr, bias_ptr, expert_ptr, act_ptr, n_rows, inter, stri
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate, up = _gate_up(h_ptr, bias_ptr, expert_ptr, rows, tl.program_id(1), n_rows, inter, stride_h, stride_b,
                         INTERLEAVED, BLOCK_M, BLOCK_N)
-    gate = tl.minimum(gate, limit)
-    up = tl.minimum(tl.maximum(up, -limit), limit)
+    gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as in torch's clamp
+    up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                    propagate_nan=tl.PropagateNan.ALL)
     act = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
              mask=(rows < n_rows)[:, None] & (cols < inter)[None, :])
@@ -94,8 +95,9 @@ def _swiglu_bwd_kernel(h_ptr, bias_ptr, expert_ptr, grad_act_ptr, grad_h_ptr, n_
                         INTERLEAVED, BLOCK_M, BLOCK_N)
     grad = tl.load(grad_act_ptr + rows.to(tl.int64)[:, None] * stride_grad_act + cols[None, :],
                    mask=row_mask[:, None] & (cols < inter)[None, :], other=0.0).to(tl.float32)
-    gate_clamped = tl.minimum(gate, limit)
-    up_clamped = tl.minimum(tl.maximum(up, -limit), limit)
+    gate_clamped = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+    up_clamped = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                            propagate_nan=tl.PropagateNan.ALL)
     sig = tl.sigmoid(alpha * gate_clamped)
     grad_up = tl.where((up >= -limit) & (up <= limit), grad * gate_clamped * sig, 0.0)
     grad_gate = grad * (up_clamped + 1.0) * sig * (1.0 + alpha * gate_clamped * (1.0 - sig))
