@@ -1,6 +1,7 @@
 """Grouped-GEMM experts against the per-expert reference: ``ops.moe.experts_forward_grouped`` vs
 ``experts_forward`` (HF layout) and Megatron's ``GroupedExperts`` vs ``SequentialMLP`` (same parameters), values
-and gradients, fp32 and bf16, random routing with an expert that gets no tokens."""
+and gradients, fp32 and bf16, random routing with an expert that gets no tokens; the Megatron ones also with the fused
+Triton epilogues (under Triton's interpreter)."""
 
 from pathlib import Path
 
@@ -52,9 +53,14 @@ def test_grouped_matches_per_expert_reference(dtype):
     assert torch.equal(grouped_grads[3][4], torch.zeros_like(grouped_grads[3][4]))  # the idle expert's bias
 
 
-@pytest.fixture(scope="module")
-def megatron_results():
-    return run_distributed(grouped_experts_worker, 1, 7)[0]
+@pytest.fixture(scope="module", params=["torch", "fused"])
+def megatron_results(request):
+    """"fused": the worker under Triton's interpreter, where ``GroupedExperts`` runs the fused epilogues of
+    ``ops.moe_kernels`` (stacked SwiGLU) on CPU tensors as it does on the GPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "fused":
+            patch.setenv("TRITON_INTERPRET", "1")
+        return run_distributed(grouped_experts_worker, 1, 7)[0]
 
 
 def test_grouped_experts_match_sequential_mlp_in_the_model(megatron_results):

@@ -3,7 +3,8 @@
 ``GroupedExperts`` is Megatron-Core's ``SequentialMLP`` (same per-expert ``MLP`` submodules, parameters, state-dict
 keys and ``sharded_state_dict``, so checkpoints, converters and resharding cannot tell the two apart) with another
 ``forward``: the dispatcher's expert-sorted rows go through ``ops.moe.expert_mlp_grouped`` (two grouped GEMMs over
-all local experts, clamped SwiGLU, both biases) instead of a Python loop with a host sync for the counts. The
+all local experts, clamped SwiGLU, both biases: the ``ClampedSwiGLU`` activation module's limit,
+``ops.moe.SWIGLU_ALPHA``) instead of a Python loop with a host sync for the counts. The
 experts' [out, in] weights are stacked to [E, out, in] per forward; weights that need no gradient (the frozen
 teacher, evaluation) are kept in one contiguous buffer per kind so the stack is a view, not a copy.
 """
@@ -15,7 +16,7 @@ from operator import attrgetter
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from ..ops.moe import expert_mlp_grouped
+from ..ops.moe import SWIGLU_ALPHA, ExpertActivation, expert_mlp_grouped
 
 EXPERT_IMPLEMENTATIONS = ("auto", "grouped", "sequential")
 
@@ -68,7 +69,7 @@ class GroupedExperts(SequentialMLP):
         row_expert = torch.repeat_interleave(torch.arange(self.num_local_experts, device=rows.device), counts,
                                              output_size=rows.shape[0])  # output_size: no host sync
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = (self._stacked(name) for name in self._WEIGHTS)
-        activation = self.local_experts[0].activation_func
+        activation = ExpertActivation("stacked", SWIGLU_ALPHA, self.local_experts[0].activation_func.limit)
         out = expert_mlp_grouped(rows, group_ends, row_expert, permuted_probs, fc1_weight.transpose(1, 2), fc1_bias,
                                  fc2_weight.transpose(1, 2), fc2_bias, activation)
         return out, None

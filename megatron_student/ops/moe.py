@@ -4,15 +4,16 @@ SwiGLU ((up + 1)·gate·σ(α·gate), gate ≤ limit, |up| ≤ limit) with exper
 Two expert paths: :func:`experts_forward` loops over experts (one matmul each, a host sync for the counts): the
 reference. :func:`expert_mlp_grouped` computes all experts of expert-sorted rows with two grouped GEMMs
 (``torch.nn.functional.grouped_mm``, or ``torch._grouped_mm`` on a torch without it; differentiable), no Python
-loop and no host sync; :func:`experts_forward_grouped` wraps it for the HF modules, ``megatron.experts`` for
+loop and no host sync; on the GPU the elementwise work around them (biases, clamped SwiGLU, routing weights and their
+gradients) runs in the fused Triton kernels of ``ops.moe_kernels``, on the CPU as the torch composition of the
+functions below; :func:`experts_forward_grouped` wraps it for the HF modules, ``megatron.experts`` for
 Megatron's token dispatchers. :class:`ExpertSort` is the token permutation of both the HF modules and the Megatron
 layers' sync-free dispatcher (``megatron.dispatch``): the (token, slot) pairs sorted by expert on the device."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,26 @@ def clamped_swiglu_stacked(gate_up: torch.Tensor, alpha: float = SWIGLU_ALPHA, l
     """Megatron layout: [gate; up] halves of the last dim."""
     gate, up = gate_up.chunk(2, dim=-1)
     return clamped_swiglu(gate, up, alpha, limit)
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """The experts' clamped SwiGLU as a description the fused kernels can read: ``layout`` of gate and up in the fc1
+    output, "interleaved" (HF/gpt-oss: :func:`clamped_swiglu_interleaved`) or "stacked" (Megatron:
+    :func:`clamped_swiglu_stacked`), and its ``alpha`` and ``limit``. Calling it applies the torch reference."""
+
+    layout: str
+    alpha: float = SWIGLU_ALPHA
+    limit: float = SWIGLU_LIMIT
+
+    LAYOUTS = {"interleaved": clamped_swiglu_interleaved, "stacked": clamped_swiglu_stacked}
+
+    def __post_init__(self):
+        if self.layout not in self.LAYOUTS:
+            raise ValueError(f"expert activation layout {self.layout!r}: choose one of {', '.join(self.LAYOUTS)}")
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.LAYOUTS[self.layout](gate_up, self.alpha, self.limit)
 
 
 def experts_forward(
@@ -128,6 +149,60 @@ class _AddExpertBias(torch.autograd.Function):
         return grad.to(ctx.rows_dtype), grad_bias, None
 
 
+class _BiasSwiGLU(torch.autograd.Function):
+    """The fc1 epilogue in Triton (``ops.moe_kernels``): activation(h + bias[row_expert]) in h's dtype, computed in
+    float32; the backward recomputes from h and the bias and sums each expert's rows for the bias gradient."""
+
+    @staticmethod
+    def forward(ctx, h, bias, row_expert, group_ends, activation: ExpertActivation):
+        from . import moe_kernels
+
+        ctx.save_for_backward(h, bias, row_expert, group_ends)
+        ctx.activation = activation
+        return moe_kernels.bias_swiglu(h, bias, row_expert, activation.alpha, activation.limit,
+                                       activation.layout == "interleaved")
+
+    @staticmethod
+    def backward(ctx, grad_act):
+        from . import moe_kernels
+
+        h, bias, row_expert, group_ends = ctx.saved_tensors
+        activation = ctx.activation
+        grad_h = moe_kernels.bias_swiglu_grad(grad_act, h, bias, row_expert, activation.alpha, activation.limit,
+                                              activation.layout == "interleaved")
+        grad_bias = moe_kernels.segment_sum(grad_h, group_ends, bias.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_bias, None, None, None
+
+
+class _BiasWeight(torch.autograd.Function):
+    """The fc2 epilogue in Triton (``ops.moe_kernels``): (y + bias[row_expert])·weights in y's dtype; the weights'
+    gradient is each row's float32 dot product of the upstream gradient with y + bias, the bias gradient each
+    expert's sum of its rows."""
+
+    @staticmethod
+    def forward(ctx, y, bias, weights, row_expert, group_ends):
+        from . import moe_kernels
+
+        ctx.save_for_backward(y, bias, weights, row_expert, group_ends)
+        return moe_kernels.bias_weight(y, bias, row_expert, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from . import moe_kernels
+
+        y, bias, weights, row_expert, group_ends = ctx.saved_tensors
+        grad_y, grad_weights = moe_kernels.bias_weight_grad(grad, y, bias, row_expert, weights)
+        grad_bias = moe_kernels.segment_sum(grad_y, group_ends, bias.dtype) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_bias, grad_weights if ctx.needs_input_grad[2] else None, None, None
+
+
+def fused_epilogues_available(rows: torch.Tensor) -> bool:
+    """Whether :func:`expert_mlp_grouped` runs its elementwise work in the Triton kernels by default: float rows of
+    16 or 32 bits on CUDA, or on any device under Triton's interpreter (``TRITON_INTERPRET=1``: the CPU tests)."""
+    return rows.dtype in (torch.bfloat16, torch.float16, torch.float32) and (
+        rows.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def expert_mlp_grouped(
     rows: torch.Tensor,
     group_ends: torch.Tensor,
@@ -137,13 +212,22 @@ def expert_mlp_grouped(
     gate_up_bias: torch.Tensor,
     down: torch.Tensor,
     down_bias: torch.Tensor,
-    activation: Callable[[torch.Tensor], torch.Tensor],
+    activation: ExpertActivation,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Every expert's MLP on its rows, weighted: rows [M, H] sorted by expert; group_ends [E] int32, the cumulative
     row count per expert (group e owns rows group_ends[e-1]:group_ends[e]); row_expert [M] the expert of each row;
     row_weights [M] its routing weight. Weights as right-hand matrices: gate_up [E, H, 2I], down [E, I, H] (any
     memory order, e.g. a transposed view of [E, out, in]); biases [E, 2I], [E, H]. Returns
-    weight·(activation(rows·gate_up + b₁)·down + b₂) in the rows' dtype."""
+    weight·(activation(rows·gate_up + b₁)·down + b₂) in the rows' dtype. ``fused``: the bias, activation and weight
+    epilogues of the two GEMMs in the Triton kernels of ``ops.moe_kernels`` (float32 inside, forward and backward;
+    None: where :func:`fused_epilogues_available`), or as the torch composition of the reference functions."""
+    if fused is None:
+        fused = fused_epilogues_available(rows)
+    if fused:
+        act = _BiasSwiGLU.apply(_grouped_mm(rows, gate_up, group_ends), gate_up_bias, row_expert, group_ends,
+                                activation)
+        return _BiasWeight.apply(_grouped_mm(act, down, group_ends), down_bias, row_weights, row_expert, group_ends)
     hidden = _AddExpertBias.apply(_grouped_mm(rows, gate_up, group_ends), gate_up_bias, row_expert)
     out = _AddExpertBias.apply(_grouped_mm(activation(hidden).to(rows.dtype), down, group_ends), down_bias, row_expert)
     return (out * row_weights[:, None]).to(rows.dtype)
@@ -177,10 +261,11 @@ class ExpertSort:
         return self.counts.cumsum(0, dtype=torch.int32)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] → [N·k, H], each pair's token in sorted order. index_select, not x[idx]: its backward is an
-        index_add; indexing's backward is an index_put that sorts the indices first (~3 ms per layer for the 32k
-        rows of T = 8192, top-4 on an H200)."""
-        return x.index_select(0, self.order // self.top_k)
+        """x [N, H] → [N·k, H], each pair's token in sorted order (an index_select). Its backward sums each token's
+        k row gradients as :meth:`combine` sums outputs: autograd's backward of index_select is an index_add with
+        atomics (and x[idx]'s an index_put that sorts the indices first, ~3 ms per layer for the 32k rows of
+        T = 8192, top-4 on an H200)."""
+        return _SortedRows.apply(x, self.order, self.top_k)
 
     def row_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """weights [N, k] → [N·k], each pair's routing weight in sorted order."""
@@ -189,8 +274,29 @@ class ExpertSort:
     def combine(self, out: torch.Tensor) -> torch.Tensor:
         """Sorted rows [N·k, H] (already weighted) → [N, H], each token's k rows summed: back to (token, slot)
         order with a permutation (no atomics), then one reduction over the slots."""
-        by_pair = torch.empty_like(out).index_copy_(0, self.order, out)
-        return by_pair.view(-1, self.top_k, out.shape[-1]).sum(1)
+        return _sum_slots(out, self.order, self.top_k)
+
+
+def _sum_slots(rows: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Sorted rows [N·k, H] → [N, H]: back to (token, slot) order with a permutation (no atomics), then each token's
+    k rows summed in one reduction."""
+    by_pair = rows.new_empty(rows.shape).index_copy_(0, order, rows)
+    return by_pair.view(-1, top_k, rows.shape[-1]).sum(1)
+
+
+class _SortedRows(torch.autograd.Function):
+    """x.index_select(0, order // top_k), with the gradient of x as :func:`_sum_slots` of the rows' gradient."""
+
+    @staticmethod
+    def forward(ctx, x, order, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return _sum_slots(grad, order, ctx.top_k), None, None
 
 
 def experts_forward_grouped(
@@ -210,5 +316,5 @@ def experts_forward_grouped(
     sort = ExpertSort.of(expert_indices, gate_up_proj.shape[0])
     out = expert_mlp_grouped(
         sort.rows(x), sort.group_ends, sort.row_expert, sort.row_weights(expert_weights),
-        gate_up_proj, gate_up_bias, down_proj, down_bias, partial(clamped_swiglu_interleaved, alpha=alpha, limit=limit))
+        gate_up_proj, gate_up_bias, down_proj, down_bias, ExpertActivation("interleaved", alpha, limit))
     return sort.combine(out)
