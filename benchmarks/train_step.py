@@ -2,20 +2,28 @@
 HF student (``StudentForCausalLM``), same weights and inputs, bf16, fwd+bwd, gpt-oss-20b width (hidden 2880, 64/8
 heads of 64, 32 experts top-4), 4 layers (SWA+TPA / KDA alternating), T = 4096 and 8192, batch 1.
 
+The Megatron step is what the trainer runs for a CE-only stage: the trainer's parallel defaults (grouped experts,
+the sorted token dispatch at EP = 1), one packed document with its boundaries on the host, and the CE of
+``ops.losses.logit_losses`` (the fused Triton kernel on CUDA) on the bf16 logits. The HF step is a plain HF loop
+(logits to float32, ``F.cross_entropy``).
+
 MFU = model FLOPs / (step time × peak). Model FLOPs of fwd+bwd = 6 × active matmul parameters per token × tokens
 (attention/TPA/KDA projections, router, the top-k experts, lm_head) + 3 × the forward token-mixing FLOPs: sliding
 attention 4·H·D per visible key (QKᵀ and PV; query t sees min(t+1, W) keys), KDA 6·T·K² + 3·T·C·K + T·C² per
 value head (chunk C = 64, Kimi Linear). Peak defaults to the H100 SXM dense bf16 figure (989 TFLOP/s).
 
-Run: ``python benchmarks/train_step.py [--peak-tflops 989] [--lengths 4096 8192] [--iters 5]``.
+Run: ``python benchmarks/train_step.py [--peak-tflops 989] [--lengths 4096 8192] [--iters 5] [--profile DIR]``
+(``--profile``: a torch-profiler table of the Megatron step per length, as ``distill_step.py --profile`` writes).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 WIDTH = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
              num_local_experts=32, num_experts_per_tok=4, num_hidden_layers=4, sliding_window=128, vocab_size=201088)
 KDA_CHUNK = 64
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def student_config():
@@ -79,12 +88,17 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--profile", type=Path, help="write profile_megatron_T<length>.txt here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("train_step.py needs a CUDA GPU")
 
+    from distill_step import profile
+
     from megatron_student.megatron import (ParallelConfig, build_student, initialize_parallel, load_hf_weights,
                                            restore_fp32_parameters)
+    from megatron_student.megatron.attention import PackedDocuments
+    from megatron_student.ops.losses import LogitLoss, logit_losses
     from megatron_student.student.modeling import StudentForCausalLM
 
     with socket.socket() as s:
@@ -93,7 +107,7 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    parallel = ParallelConfig(params_dtype=torch.bfloat16, dispatcher="alltoall")
+    parallel = ParallelConfig(params_dtype=torch.bfloat16)  # the trainer's defaults
     initialize_parallel(parallel)
 
     config = student_config()
@@ -123,8 +137,14 @@ def main() -> None:
             F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).backward()
             hf.zero_grad(set_to_none=True)
 
+        packed = PackedDocuments.of(torch.tensor([0, length]), torch.device("cuda"))
+        ones = torch.ones(length, device="cuda")
+
         def megatron_step():
-            megatron(inputs, None, None, labels=labels).float().mean().backward()
+            logits = megatron(inputs, None, None, packed_seq_params=packed)
+            (ce, ) = logit_losses(logits[0], None, [LogitLoss("ce")], ones, labels=labels[0],
+                                  vocab_size=config.vocab_size, check_labels=False)
+            (ce / length).backward()
             megatron.zero_grad(set_to_none=True)
 
         flops = 6 * params * length + 3 * mixing_flops_forward(config, length)
@@ -135,6 +155,9 @@ def main() -> None:
             gib = torch.cuda.max_memory_allocated() / 2**30
             print(f"{name:<10}{length:>7}{length / seconds:>12.0f}{mfu:>8.1%}{seconds * 1e3:>10.1f}{gib:>10.1f}",
                   flush=True)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile(megatron_step, args.profile / f"profile_megatron_T{length}.txt")
     torch.distributed.destroy_process_group()
 
 
