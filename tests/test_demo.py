@@ -40,13 +40,15 @@ def test_demo_end_to_end(demo):
                  "eval/stage_b/retrieval.png", "eval/stage_b/kl_by_channel.png", "eval/stage_b/router.png"):
         assert (out / name).exists(), name
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The teacher learns to speak Harmony (the demo's 8 prompts; with the format drills 100% at the demo's seed on
-    # CPU, 88-100% over seeds); the student gets closer to it stage by stage: held-out KL init > stage A > stage B.
+    # The teacher learns to speak Harmony (the demo's 8 prompts; 100% at the demo's seed on CPU and on an H200, 88-100%
+    # over seeds); the student gets closer to it stage by stage: held-out KL init > stage A > stage B, and its
+    # compliance from init to stage B (on this CPU run, one thread: 12% → 100% → 88%).
     assert report["teacher_training"]["last_loss"] < report["teacher_training"]["first_loss"] / 5
     assert report["teacher_compliance"] >= 0.9
     transfer = report["transfer"]
     assert list(transfer) == ["init", "stage A", "stage B"]
     assert transfer["init"]["kl"] > transfer["stage A"]["kl"] > transfer["stage B"]["kl"]
+    assert transfer["stage B"]["compliance"] > transfer["init"]["compliance"]
     assert len(report["generations"]) == len(load_suite("demo").prompts)
     assert report["fast_paths"] == {"attention": "torch reference (ops.attention)", "kda": "torch reference (ops.kda)",
                                     "optimizer": "torch AdamW"}
