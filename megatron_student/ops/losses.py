@@ -238,15 +238,73 @@ class _ChunkedLogitLosses(torch.autograd.Function):
         # Every TP rank holds the same total and backpropagates it: each takes the gradient of its own shard's
         # partial sum; the differentiable Σexp all-reduce inside adds the other shards' dependence on it.
         grad = torch.zeros_like(student)
+        closed_form = all(spec.kind in CLOSED_FORM_KINDS for spec in ctx.specs)
         for a in range(0, student.shape[0], ctx.chunk_size):
             b = min(a + ctx.chunk_size, student.shape[0])
+            chunk = (None if teacher is None else teacher[a:b], None if labels is None else labels[a:b],
+                     weights[:, a:b], ctx.specs, ctx.shard)
+            if closed_form:
+                grad[a:b, :ctx.shard.valid] = _chunk_grad(student[a:b], *chunk, grad_total)
+                continue
             with torch.enable_grad():
                 s = student[a:b].detach().requires_grad_(True)
-                partial = _chunk_losses(s, None if teacher is None else teacher[a:b],
-                                        None if labels is None else labels[a:b], weights[:, a:b], ctx.specs,
-                                        ctx.shard)
-                (grad[a:b],) = torch.autograd.grad(partial, s, grad_total)
+                (grad[a:b],) = torch.autograd.grad(_chunk_losses(s, *chunk), s, grad_total)
         return grad, None, None, None, None, None, None
+
+
+# kinds whose gradient the backward writes in closed form (one softmax per temperature and one pass, instead of
+# re-running the forward under autograd: ~3x fewer passes over a [chunk, vocabulary] block on a CPU)
+CLOSED_FORM_KINDS = ("forward_kl", "reverse_kl", "ce")
+
+
+def _chunk_grad(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,
+                weights: torch.Tensor, specs: tuple[LogitLoss, ...], shard: _VocabShard,
+                grad_total: torch.Tensor) -> torch.Tensor:
+    """d(Σ_k grad_total_k · :func:`_chunk_losses`_k)/d student on this shard's valid columns, for
+    :data:`CLOSED_FORM_KINDS`: with q = softmax(s/T) and p = softmax(t/T) over the whole vocabulary,
+    d(T²·KL(p‖q))/ds = T·(q − p), d(T²·KL(q‖p))/ds = T·q·(log q − log p − Σ q (log q − log p)) (the sum over every
+    shard) and d CE/ds = softmax(s) − onehot(label) for tokens with a label (−100: none)."""
+    cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student[:, :shard.valid].to(cdtype)
+    t = None if teacher is None else teacher[:, :shard.valid].to(cdtype)
+    log_q_at: dict[float, torch.Tensor] = {}
+    log_p_at: dict[float, torch.Tensor] = {}
+    q_at: dict[float, torch.Tensor] = {}
+    p_at: dict[float, torch.Tensor] = {}
+
+    def cached(cache, T, x, log):
+        if T not in cache:
+            scaled = x / T if T != 1.0 else x
+            cache[T] = _global_log_softmax(scaled, shard) if log else _global_softmax(scaled, shard)
+        return cache[T]
+
+    grad = torch.zeros_like(s)
+    for spec, w, g in zip(specs, weights, grad_total):
+        T = spec.temperature
+        coef = (g.to(cdtype) * w.to(cdtype)).unsqueeze(-1)  # [c, 1]
+        if spec.kind == "ce":
+            grad.addcmul_(cached(q_at, T, s, False), torch.where(labels.unsqueeze(-1) >= 0, coef, 0.0))
+            local = labels - shard.start
+            here = (local >= 0) & (local < shard.valid)
+            if shard.valid:  # a shard of padding only holds no label
+                grad.scatter_add_(-1, local.clamp(0, shard.valid - 1).unsqueeze(-1),
+                                  -torch.where(here.unsqueeze(-1), coef, 0.0))
+        elif spec.kind == "forward_kl":
+            grad.addcmul_(cached(q_at, T, s, False), coef * T).addcmul_(cached(p_at, T, t, False), coef * -T)
+        else:  # reverse_kl
+            log_q, log_p = cached(log_q_at, T, s, True), cached(log_p_at, T, t, True)
+            q = log_q.exp()
+            log_ratio = log_q - log_p
+            divergence = (q * log_ratio).sum(-1, keepdim=True)
+            if shard.group is not None:
+                dist.all_reduce(divergence, op=dist.ReduceOp.SUM, group=shard.group)
+            grad.addcmul_(q, (log_ratio - divergence) * (coef * T))
+    return grad.to(student.dtype)
+
+
+def _global_softmax(x: torch.Tensor, shard: _VocabShard) -> torch.Tensor:
+    """softmax over the whole (sharded) vocabulary of the valid local columns ``x`` [c, valid]."""
+    return torch.softmax(x, dim=-1) if shard.group is None else _global_log_softmax(x, shard).exp()
 
 
 FUSED_KINDS = ("forward_kl", "reverse_kl", "ce")
