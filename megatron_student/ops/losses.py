@@ -31,7 +31,8 @@ Conventions shared by every function here:
   rank's exact gradient for its shard (the Megatron vocab-parallel cross-entropy convention — the sum over the
   vocabulary is not counted TP times).
 * **Memory.** Tokens are processed in chunks of ``chunk_size`` by a custom autograd function: the forward keeps
-  no activations, and the backward recomputes each chunk and writes its gradient into one buffer of the
+  no activations, and the backward recomputes each chunk's softmaxes (forward/reverse KL and CE then in closed
+  form, JSD and TVD by re-running the chunk under autograd) and writes its gradient into one buffer of the
   logits' own shape and dtype. No float32 tensor larger than ``[chunk_size, V_local]`` is created, forward or
   backward.
 """
