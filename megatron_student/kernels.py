@@ -101,6 +101,12 @@ def use_fixed_configs() -> tuple[int, int]:
     return fixed, len(tuners) - fixed
 
 
+def triton_runs_on(t) -> bool:
+    """Whether our own Triton kernels run on tensor ``t``'s device: CUDA, or the CPU under Triton's interpreter
+    (``TRITON_INTERPRET=1``, set before triton is imported: how the CPU tests run them)."""
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def fla_kernels_used() -> bool:
     """Whether this process has run one of fla's GPU kernels (every such call goes through
     ``use_fixed_configs`` first), for reports."""

@@ -13,12 +13,12 @@ which is how the CPU test checks it against Megatron's add.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from megatron.core.distributed import DistributedDataParallel
+
+from ..kernels import triton_runs_on
 
 # Below this many elements a launch costs more than the unvectorised add loses (norm weights, biases, routers).
 MIN_ELEMENTS = 1 << 20
@@ -33,22 +33,22 @@ def _accumulate_kernel(main_ptr, grad_ptr, n, BLOCK: tl.constexpr):
     tl.store(main_ptr + offsets, total, mask=mask)
 
 
-def _kernel_device(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def fast_accumulation_applies(main_grad: torch.Tensor, grad: torch.Tensor, min_elements: int = MIN_ELEMENTS) -> bool:
     """Whether :func:`accumulate_` takes the kernel for this pair (otherwise it is ``main_grad.add_(grad)``)."""
     return (main_grad.dtype == torch.float32 and grad.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and main_grad.numel() == grad.numel() >= min_elements and main_grad.device == grad.device
-            and _kernel_device(main_grad) and main_grad.is_contiguous() and grad.is_contiguous())
+            and triton_runs_on(main_grad) and main_grad.is_contiguous() and grad.is_contiguous())
 
 
 def accumulate_(main_grad: torch.Tensor, grad: torch.Tensor, min_elements: int = MIN_ELEMENTS) -> None:
     """``main_grad += grad`` (fp32 += bf16/fp16/fp32), in place, with the kernel where it applies."""
-    if not fast_accumulation_applies(main_grad, grad, min_elements):
-        main_grad.add_(grad.view_as(main_grad))
-        return
+    if fast_accumulation_applies(main_grad, grad, min_elements):
+        _launch(main_grad, grad)
+    else:
+        main_grad.add_(grad)
+
+
+def _launch(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
     n = main_grad.numel()
     _accumulate_kernel[(triton.cdiv(n, _BLOCK),)](main_grad, grad, n, BLOCK=_BLOCK, num_warps=8)
 
@@ -69,7 +69,7 @@ class AccumulatingDDP(DistributedDataParallel):
             if (grad is not None and not already_added and not getattr(param, "zero_out_wgrad", False)
                     and param in self.param_to_bucket_group
                     and fast_accumulation_applies(param.main_grad, grad, self.min_elements)):
-                accumulate_(param.main_grad, grad, self.min_elements)
+                _launch(param.main_grad, grad)
                 param.grad_added_to_main_grad = True  # Megatron's hook skips its add, clears param.grad
                 megatron_hook(*args)
                 param.grad_added_to_main_grad = already_added  # the next micro-batch adds again

@@ -12,11 +12,12 @@ layers' sync-free dispatcher (``megatron.dispatch``): the (token, slot) pairs so
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import triton_runs_on
 
 # torch >= 2.10 exports grouped_mm; earlier 2.x only the private op (same arguments: mat_a, mat_b, offs=...).
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -199,8 +200,7 @@ class _BiasWeight(torch.autograd.Function):
 def fused_epilogues_available(rows: torch.Tensor) -> bool:
     """Whether :func:`expert_mlp_grouped` runs its elementwise work in the Triton kernels by default: float rows of
     16 or 32 bits on CUDA, or on any device under Triton's interpreter (``TRITON_INTERPRET=1``: the CPU tests)."""
-    return rows.dtype in (torch.bfloat16, torch.float16, torch.float32) and (
-        rows.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return rows.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(rows)
 
 
 def expert_mlp_grouped(
